@@ -1,0 +1,47 @@
+// The backend interface: run one packed batch, produce logits. Implemented by the CPU backend
+// (the reference) and the CUDA backend; the engine uses nothing else.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/status.h"
+#include "model/config.h"
+#include "runtime/forward_batch.h"
+
+namespace qilin {
+
+struct KvCacheLayout {
+  int32_t num_blocks = 0;
+  int32_t block_size = 32;  // tokens per block
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string name() const = 0;  // "cpu", "cuda"
+  virtual const ModelConfig& config() const = 0;
+
+  // Bytes of KV cache one token takes over all layers (K and V).
+  virtual int64_t KvBytesPerToken() const = 0;
+  // How many KV blocks fit in what is free: `memory_fraction` of free device memory (host memory
+  // for the CPU backend) after weights and activations for `max_num_tokens` per step.
+  virtual Result<int32_t> ProposeNumKvBlocks(int32_t block_size, double memory_fraction,
+                                             int32_t max_num_tokens) const = 0;
+  // (Re)allocates the paged KV pool. Must be called before Forward.
+  virtual Status AllocateKvCache(const KvCacheLayout& layout) = 0;
+  virtual const KvCacheLayout& kv_layout() const = 0;
+
+  // Runs the batch: writes new K/V into their slots, attends over each sequence's cached
+  // context, and fills `logits` with [batch.logits_indices.size(), vocab_size] floats.
+  virtual Status Forward(const ForwardBatch& batch, std::vector<float>* logits) = 0;
+
+  // Copies whole KV blocks (src -> dst), for copy-on-write when sequences fork.
+  virtual Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) = 0;
+};
+
+}  // namespace qilin
