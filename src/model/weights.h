@@ -37,6 +37,7 @@ struct LayerWeights {
   TensorView q_bias, k_bias, v_bias;  // [q_size], [kv_size]; empty unless attention_bias
   TensorView q_norm, k_norm;          // [head_dim]; empty unless qk_norm
   TensorView o_proj;                  // [hidden, q_size]
+  TensorView o_bias;                  // [hidden]; empty unless config.o_bias
   TensorView post_attention_norm;     // [hidden]
   TensorView gate_proj, up_proj;      // [intermediate, hidden]; silu(gate) * up
   TensorView down_proj;               // [hidden, intermediate]
