@@ -114,45 +114,50 @@ Status CheckDims(const ModelConfig& c) {
 }  // namespace
 
 Result<ModelWeights> MakeDummyWeights(const ModelConfig& config, DType dtype, uint64_t seed) {
+  return MakeDummyWeights(config, dtype, seed, 0.02f, 0.1f);
+}
+
+Result<ModelWeights> MakeDummyWeights(const ModelConfig& config, DType dtype, uint64_t seed,
+                                      float matrix_std, float norm_std) {
   if (dtype != DType::kBF16 && dtype != DType::kF16 && dtype != DType::kF32) {
     return InvalidArgument("dummy weights: dtype {} is not supported (use BF16, F16 or F32)",
                            DTypeName(dtype));
   }
   QILIN_RETURN_IF_ERROR(CheckDims(config));
-  constexpr float kStd = 0.02f, kNormStd = 0.1f;
   const int64_t h = config.hidden_size, q = config.q_size(), kv = config.kv_size();
   const int64_t inter = config.intermediate_size;
   Builder b{dtype, seed, 0, {}};
   ModelWeights w;
-  w.embed_tokens = b.Make("model.embed_tokens.weight", {config.vocab_size, h}, 0.0f, kStd);
+  w.embed_tokens = b.Make("model.embed_tokens.weight", {config.vocab_size, h}, 0.0f, matrix_std);
   w.layers.resize(config.num_layers);
   for (int64_t i = 0; i < config.num_layers; ++i) {
     LayerWeights& l = w.layers[i];
     const std::string p = fmt::format("model.layers.{}.", i);
-    l.input_norm = b.Make(p + "input_layernorm.weight", {h}, 1.0f, kNormStd);
-    l.q_proj = b.Make(p + "self_attn.q_proj.weight", {q, h}, 0.0f, kStd);
-    l.k_proj = b.Make(p + "self_attn.k_proj.weight", {kv, h}, 0.0f, kStd);
-    l.v_proj = b.Make(p + "self_attn.v_proj.weight", {kv, h}, 0.0f, kStd);
+    l.input_norm = b.Make(p + "input_layernorm.weight", {h}, 1.0f, norm_std);
+    l.q_proj = b.Make(p + "self_attn.q_proj.weight", {q, h}, 0.0f, matrix_std);
+    l.k_proj = b.Make(p + "self_attn.k_proj.weight", {kv, h}, 0.0f, matrix_std);
+    l.v_proj = b.Make(p + "self_attn.v_proj.weight", {kv, h}, 0.0f, matrix_std);
     if (config.attention_bias) {
-      l.q_bias = b.Make(p + "self_attn.q_proj.bias", {q}, 0.0f, kStd);
-      l.k_bias = b.Make(p + "self_attn.k_proj.bias", {kv}, 0.0f, kStd);
-      l.v_bias = b.Make(p + "self_attn.v_proj.bias", {kv}, 0.0f, kStd);
+      l.q_bias = b.Make(p + "self_attn.q_proj.bias", {q}, 0.0f, matrix_std);
+      l.k_bias = b.Make(p + "self_attn.k_proj.bias", {kv}, 0.0f, matrix_std);
+      l.v_bias = b.Make(p + "self_attn.v_proj.bias", {kv}, 0.0f, matrix_std);
     }
     if (config.qk_norm) {
-      l.q_norm = b.Make(p + "self_attn.q_norm.weight", {config.head_dim}, 1.0f, kNormStd);
-      l.k_norm = b.Make(p + "self_attn.k_norm.weight", {config.head_dim}, 1.0f, kNormStd);
+      l.q_norm = b.Make(p + "self_attn.q_norm.weight", {config.head_dim}, 1.0f, norm_std);
+      l.k_norm = b.Make(p + "self_attn.k_norm.weight", {config.head_dim}, 1.0f, norm_std);
     }
-    l.o_proj = b.Make(p + "self_attn.o_proj.weight", {h, q}, 0.0f, kStd);
-    l.post_attention_norm = b.Make(p + "post_attention_layernorm.weight", {h}, 1.0f, kNormStd);
-    l.gate_proj = b.Make(p + "mlp.gate_proj.weight", {inter, h}, 0.0f, kStd);
-    l.up_proj = b.Make(p + "mlp.up_proj.weight", {inter, h}, 0.0f, kStd);
-    l.down_proj = b.Make(p + "mlp.down_proj.weight", {h, inter}, 0.0f, kStd);
+    l.o_proj = b.Make(p + "self_attn.o_proj.weight", {h, q}, 0.0f, matrix_std);
+    if (config.o_bias) l.o_bias = b.Make(p + "self_attn.o_proj.bias", {h}, 0.0f, matrix_std);
+    l.post_attention_norm = b.Make(p + "post_attention_layernorm.weight", {h}, 1.0f, norm_std);
+    l.gate_proj = b.Make(p + "mlp.gate_proj.weight", {inter, h}, 0.0f, matrix_std);
+    l.up_proj = b.Make(p + "mlp.up_proj.weight", {inter, h}, 0.0f, matrix_std);
+    l.down_proj = b.Make(p + "mlp.down_proj.weight", {h, inter}, 0.0f, matrix_std);
   }
-  w.final_norm = b.Make("model.norm.weight", {h}, 1.0f, kNormStd);
+  w.final_norm = b.Make("model.norm.weight", {h}, 1.0f, norm_std);
   if (config.tie_word_embeddings) {
     w.lm_head = w.embed_tokens;
   } else {
-    w.lm_head = b.Make("lm_head.weight", {config.vocab_size, h}, 0.0f, kStd);
+    w.lm_head = b.Make("lm_head.weight", {config.vocab_size, h}, 0.0f, matrix_std);
   }
   w.storage = std::move(b.storage);
   return w;
