@@ -1,6 +1,8 @@
 #include "model/json_util.h"
 
 #include <limits>
+#include <set>
+#include <vector>
 
 namespace qilin {
 namespace {
@@ -8,6 +10,7 @@ namespace {
 using nlohmann::json;
 
 struct TooDeep {};
+struct DuplicateKey {};
 
 // A short rendering of a value for error messages.
 std::string Brief(const json& j) {
@@ -19,15 +22,35 @@ std::string Brief(const json& j) {
 }  // namespace
 
 Result<json> ParseJsonText(std::string_view text, const std::string& source, int max_depth) {
-  json::parser_callback_t limit_depth = [max_depth](int depth, json::parse_event_t event, json&) {
-    if ((event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) &&
-        depth >= max_depth) {
-      throw TooDeep{};
+  // Tracks the keys of every open object to reject duplicates (json::parse keeps the last one
+  // silently); arrays push an unused set so that pops stay balanced.
+  std::vector<std::set<std::string>> open_keys;
+  std::string duplicate;
+  json::parser_callback_t check = [&](int depth, json::parse_event_t event, json& parsed) {
+    switch (event) {
+      case json::parse_event_t::object_start:
+      case json::parse_event_t::array_start:
+        if (depth >= max_depth) throw TooDeep{};
+        open_keys.emplace_back();
+        break;
+      case json::parse_event_t::object_end:
+      case json::parse_event_t::array_end:
+        if (!open_keys.empty()) open_keys.pop_back();
+        break;
+      case json::parse_event_t::key:
+        if (!open_keys.empty() && parsed.is_string() &&
+            !open_keys.back().insert(parsed.get<std::string>()).second) {
+          duplicate = parsed.get<std::string>();
+          throw DuplicateKey{};
+        }
+        break;
+      default:
+        break;
     }
     return true;
   };
   try {
-    return json::parse(text.begin(), text.end(), limit_depth, /*allow_exceptions=*/true);
+    return json::parse(text.begin(), text.end(), check, /*allow_exceptions=*/true);
   } catch (const json::parse_error& e) {
     // e.byte counts from 1; what() starts with "[json.exception.parse_error.101] ".
     std::string_view what = e.what();
@@ -36,6 +59,8 @@ Result<json> ParseJsonText(std::string_view text, const std::string& source, int
                            e.byte > 0 ? e.byte - 1 : 0, what);
   } catch (const TooDeep&) {
     return InvalidArgument("{}: JSON nested deeper than {} levels", source, max_depth);
+  } catch (const DuplicateKey&) {
+    return InvalidArgument("{}: key '{}' appears twice in one object", source, duplicate);
   } catch (const json::exception& e) {
     return InvalidArgument("{}: invalid JSON: {}", source, e.what());
   }
