@@ -61,7 +61,9 @@ void PagedAttention(const float* q, const float* k_cache, const float* v_cache,
     }
   }
 
-#pragma omp parallel
+  int64_t work = 0;  // multiply-adds over all (token, head) pairs
+  for (int64_t t = 0; t < num_tokens; ++t) work += (batch.positions[t] + 1) * num_heads * head_dim;
+#pragma omp parallel if (work > (1 << 16))
   {
     std::vector<float> scores(max_ctx);
     std::vector<const float*> krows(max_ctx), vrows(max_ctx);

@@ -11,6 +11,8 @@
 namespace qilin::cpu {
 namespace {
 
+constexpr int64_t kParallelMinWork = 1 << 16;
+
 // ---- GEMV: WR weight rows x XR activation rows per inner loop (8 accumulators at most). ----
 template <DType D, int WR, int XR>
 void GemvTile(const float* x, int64_t ldx, const void* w, int64_t o0, int64_t in, float* sums) {
@@ -56,7 +58,9 @@ void GemvImpl(const float* x, int64_t n, int64_t in, const void* w, int64_t out,
               float* y) {
   constexpr int64_t kWr = 4;
   const int64_t groups = (out + kWr - 1) / kWr;
-#pragma omp parallel for schedule(static)
+  // Threads only pay off past ~64K multiply-adds (a barrier costs microseconds, more when the
+  // cores are shared).
+#pragma omp parallel for schedule(static) if (n * in * out > kParallelMinWork)
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t o0 = g * kWr;
     const int64_t rows = std::min(kWr, out - o0);
@@ -183,7 +187,7 @@ template <DType D>
 void BlockedImpl(const float* x, int64_t n, int64_t in, const void* w, int64_t out, WeightRef bias,
                  float* y) {
   const int64_t groups = (out + kNc - 1) / kNc;
-#pragma omp parallel
+#pragma omp parallel if (n * in * out > kParallelMinWork)
   {
     std::vector<float> pack_buf(kNc * kKc + 8);
     float* pack = pack_buf.data();
