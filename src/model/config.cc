@@ -1,5 +1,7 @@
 #include "model/config.h"
 
+#include <algorithm>
+
 #include <cmath>
 #include <fstream>
 #include <sstream>
@@ -433,6 +435,30 @@ double QwenV1LognScale(const ModelConfig& config, int64_t pos) {
   const int64_t i = pos + 1;  // modeling_qwen.py indexes logn_list from 1
   if (i <= config.seq_length) return 1.0;
   return std::log(static_cast<double>(i)) / std::log(static_cast<double>(config.seq_length));
+}
+
+int64_t ModelConfig::MaxModelLen() const {
+  if (max_model_len > 0) return max_model_len;
+  int64_t len = max_position_embeddings;
+  const RopeScaling& rs = rope_scaling;
+  switch (rs.type) {
+    case RopeScalingType::kLinear:
+    case RopeScalingType::kDynamic:
+      len = static_cast<int64_t>(static_cast<double>(max_position_embeddings) * rs.factor);
+      break;
+    case RopeScalingType::kYarn: {
+      int64_t original = rs.original_max_position_embeddings > 0
+                             ? rs.original_max_position_embeddings
+                             : max_position_embeddings;
+      len = std::max(max_position_embeddings,
+                     static_cast<int64_t>(static_cast<double>(original) * rs.factor));
+      break;
+    }
+    case RopeScalingType::kNone:
+      break;
+  }
+  if (arch == ModelArch::kQwenV1) len = std::max(len, seq_length);
+  return len;
 }
 
 }  // namespace qilin

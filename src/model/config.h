@@ -68,6 +68,14 @@ struct ModelConfig {
   // Number of parameters (embedding, layers with biases and norms, final norm, lm_head unless
   // tied), as the checkpoint holds them: multiply by the bytes per weight for the weight size.
   int64_t NumParameters() const;
+
+  // The longest sequence (prompt + generated) a request may reach. `max_model_len` when set (by
+  // --max-model-len); else, as vLLM derives it, max_position_embeddings times the rope scaling
+  // factor for linear and dynamic scaling, original_max_position_embeddings times the factor
+  // for yarn (never below max_position_embeddings), and for Qwen v1 the larger of
+  // max_position_embeddings and seq_length.
+  int64_t max_model_len = 0;
+  int64_t MaxModelLen() const;
 };
 
 // Parses config.json text. `source` names the file in error messages.

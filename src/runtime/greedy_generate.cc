@@ -17,10 +17,10 @@ Status ValidateGreedyRequest(const ModelConfig& config, const GreedyRequest& r,
     return InvalidArgument("{}: max_tokens = {} must be at least 1", what, r.max_tokens);
   }
   const int64_t total = static_cast<int64_t>(r.prompt_ids.size()) + r.max_tokens;
-  if (config.max_position_embeddings > 0 && total > config.max_position_embeddings) {
+  if (total > config.MaxModelLen()) {
     return OutOfRange(
-        "{}: prompt of {} tokens + max_tokens {} = {} exceeds max_position_embeddings {}", what,
-        r.prompt_ids.size(), r.max_tokens, total, config.max_position_embeddings);
+        "{}: prompt of {} tokens + max_tokens {} = {} exceeds the model's maximum length {}", what,
+        r.prompt_ids.size(), r.max_tokens, total, config.MaxModelLen());
   }
   return Status::Ok();
 }
