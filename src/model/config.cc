@@ -1,8 +1,7 @@
 #include "model/config.h"
 
+#include <algorithm>
 #include <cmath>
-#include <fstream>
-#include <sstream>
 
 #include <spdlog/spdlog.h>
 
@@ -410,11 +409,9 @@ Result<ModelConfig> LoadModelConfig(const std::filesystem::path& model_dir) {
   if (!std::filesystem::is_regular_file(path, ec)) {
     return NotFound("{}: no such file (a model directory needs a config.json)", path.string());
   }
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (!in.good() && !in.eof()) return DataLoss("{}: read failed", path.string());
-  return ParseModelConfig(text.str(), path.string());
+  // Published configs are a few KB; 16 MB leaves room for anything real.
+  QILIN_ASSIGN_OR_RETURN(std::string text, ReadTextFile(path, 16 << 20));
+  return ParseModelConfig(text, path.string());
 }
 
 double QwenV1NtkAlpha(const ModelConfig& config, int64_t prompt_len) {

@@ -380,6 +380,41 @@ TEST_F(WeightsTest, MisalignedTensorsAreCopiedAligned) {
   CheckHfLayers(this, *w, true, false, false);
 }
 
+// ExpectedCheckpointTensors agrees with the loader and with the parameter count, per arch.
+TEST_F(WeightsTest, ExpectedCheckpointTensorsLoadForEveryArchitecture) {
+  json v1 = {{"architectures", {"QWenLMHeadModel"}},
+             {"vocab_size", kV},
+             {"hidden_size", kH},
+             {"intermediate_size", 2 * kI},
+             {"num_hidden_layers", kLayers},
+             {"num_attention_heads", kHeads},
+             {"seq_length", 64}};
+  json qwen3 = HfConfig("Qwen3ForCausalLM", "qwen3");
+  qwen3["head_dim"] = 8;
+  json llama = HfConfig("LlamaForCausalLM", "llama");
+  llama["attention_bias"] = true;
+  json qwen2 = HfConfig("Qwen2ForCausalLM", "qwen2");
+  qwen2["tie_word_embeddings"] = true;
+  for (const json& c : {v1, qwen3, llama, qwen2}) {
+    tensors_.clear();
+    fs::remove(dir_ / "model.safetensors");
+    auto config = ParseModelConfig(c.dump(), "test");
+    ASSERT_TRUE(config.ok()) << config.status().ToString();
+    int64_t params = 0;
+    for (const CheckpointTensor& t : ExpectedCheckpointTensors(*config)) {
+      Add(t.name, t.shape);
+      int64_t n = 1;
+      for (int64_t d : t.shape) n *= d;
+      params += n;
+    }
+    EXPECT_EQ(params, config->NumParameters()) << c.dump();
+    Write(c);
+    auto w = Load();
+    ASSERT_TRUE(w.ok()) << w.status().ToString();
+    EXPECT_EQ(w->layers.size(), static_cast<size_t>(kLayers));
+  }
+}
+
 TEST_F(WeightsTest, NoCheckpoint) {
   std::ofstream(dir_ / "config.json") << HfConfig("Qwen2ForCausalLM", "qwen2").dump();
   auto w = Load();
