@@ -250,6 +250,18 @@ Status ParseHfDecoder(const JsonFields& f, const std::string& source, ModelConfi
     return Unimplemented("{}: is true: sliding-window attention is not supported",
                          f.Where("use_sliding_window"));
   }
+  // transformers 5 lists each layer's attention kind; only full attention is supported.
+  if (const json* types = f.Find("layer_types")) {
+    if (!types->is_array()) return f.WrongType("layer_types", "a list of strings", *types);
+    for (size_t i = 0; i < types->size(); ++i) {
+      const json& t = (*types)[i];
+      if (!t.is_string()) return f.WrongType("layer_types", "a list of strings", *types);
+      if (t.get<std::string>() != "full_attention") {
+        return Unimplemented("{}: layer {} is '{}': only full_attention layers are supported",
+                             f.Where("layer_types"), i, t.get<std::string>());
+      }
+    }
+  }
   return ParseRope(f, source, c);
 }
 
