@@ -1,10 +1,7 @@
 #include "model/config.h"
 
 #include <algorithm>
-
 #include <cmath>
-#include <fstream>
-#include <sstream>
 
 #include <spdlog/spdlog.h>
 
@@ -253,6 +250,18 @@ Status ParseHfDecoder(const JsonFields& f, const std::string& source, ModelConfi
     return Unimplemented("{}: is true: sliding-window attention is not supported",
                          f.Where("use_sliding_window"));
   }
+  // transformers 5 lists each layer's attention kind; only full attention is supported.
+  if (const json* types = f.Find("layer_types")) {
+    if (!types->is_array()) return f.WrongType("layer_types", "a list of strings", *types);
+    for (size_t i = 0; i < types->size(); ++i) {
+      const json& t = (*types)[i];
+      if (!t.is_string()) return f.WrongType("layer_types", "a list of strings", *types);
+      if (t.get<std::string>() != "full_attention") {
+        return Unimplemented("{}: layer {} is '{}': only full_attention layers are supported",
+                             f.Where("layer_types"), i, t.get<std::string>());
+      }
+    }
+  }
   return ParseRope(f, source, c);
 }
 
@@ -412,11 +421,9 @@ Result<ModelConfig> LoadModelConfig(const std::filesystem::path& model_dir) {
   if (!std::filesystem::is_regular_file(path, ec)) {
     return NotFound("{}: no such file (a model directory needs a config.json)", path.string());
   }
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (!in.good() && !in.eof()) return DataLoss("{}: read failed", path.string());
-  return ParseModelConfig(text.str(), path.string());
+  // Published configs are a few KB; 16 MB leaves room for anything real.
+  QILIN_ASSIGN_OR_RETURN(std::string text, ReadTextFile(path, 16 << 20));
+  return ParseModelConfig(text, path.string());
 }
 
 double QwenV1NtkAlpha(const ModelConfig& config, int64_t prompt_len) {

@@ -1,5 +1,7 @@
 #include "model/json_util.h"
 
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <set>
 #include <vector>
@@ -20,6 +22,24 @@ std::string Brief(const json& j) {
 }
 
 }  // namespace
+
+Result<std::string> ReadTextFile(const std::filesystem::path& path, uint64_t limit) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) {
+    return NotFound("{}: no such file", path.string());
+  }
+  uint64_t size = std::filesystem::file_size(path, ec);
+  if (ec) return NotFound("{}: cannot stat: {}", path.string(), ec.message());
+  if (size > limit) {
+    return InvalidArgument("{}: file is {} bytes, over the limit {}", path.string(), size, limit);
+  }
+  std::ifstream in(path, std::ios::binary);
+  std::string text(size, '\0');
+  if (!in.read(text.data(), static_cast<std::streamsize>(size))) {
+    return DataLoss("{}: read failed", path.string());
+  }
+  return text;
+}
 
 Result<json> ParseJsonText(std::string_view text, const std::string& source, int max_depth) {
   // Tracks the keys of every open object to reject duplicates (json::parse keeps the last one

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <string>
 #include <string_view>
 
@@ -11,6 +12,10 @@
 #include "common/status.h"
 
 namespace qilin {
+
+// Reads a whole file of at most `limit` bytes: NotFound if it is not a regular file,
+// InvalidArgument naming the size and the limit if it is larger.
+Result<std::string> ReadTextFile(const std::filesystem::path& path, uint64_t limit);
 
 // Parses `text`; `source` names the file in errors. Invalid JSON is InvalidArgument naming the
 // byte position; nesting deeper than `max_depth` is rejected (hostile input cannot exhaust the

@@ -52,24 +52,6 @@ std::string KnownDtypes() {
   return s;
 }
 
-Result<std::string> ReadSmallFile(const std::filesystem::path& path, uint64_t limit) {
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec)) {
-    return NotFound("{}: no such file", path.string());
-  }
-  uint64_t size = std::filesystem::file_size(path, ec);
-  if (ec) return NotFound("{}: cannot stat: {}", path.string(), ec.message());
-  if (size > limit) {
-    return InvalidArgument("{}: file is {} bytes, over the limit {}", path.string(), size, limit);
-  }
-  std::ifstream in(path, std::ios::binary);
-  std::string text(size, '\0');
-  if (!in.read(text.data(), static_cast<std::streamsize>(size))) {
-    return DataLoss("{}: read failed", path.string());
-  }
-  return text;
-}
-
 // A shard path from the index must name a file inside the model directory.
 Status CheckShardPath(const std::string& shard, const std::string& source) {
   const std::filesystem::path p(shard);
@@ -329,7 +311,7 @@ Result<SafetensorsCheckpoint> SafetensorsCheckpoint::Open(const std::filesystem:
   std::error_code ec;
   if (std::filesystem::exists(index_path, ec)) {
     const std::string source = index_path.string();
-    QILIN_ASSIGN_OR_RETURN(std::string text, ReadSmallFile(index_path, kMaxIndexBytes));
+    QILIN_ASSIGN_OR_RETURN(std::string text, ReadTextFile(index_path, kMaxIndexBytes));
     QILIN_ASSIGN_OR_RETURN(json index, ParseJsonText(text, source));
     if (!index.is_object()) return InvalidArgument("{}: expected a JSON object", source);
     auto wm = index.find("weight_map");

@@ -163,6 +163,54 @@ Status LoadQwenV1(const ModelConfig& c, Loader& l, ModelWeights* w) {
 
 }  // namespace
 
+std::vector<CheckpointTensor> ExpectedCheckpointTensors(const ModelConfig& c) {
+  const int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;
+  const int64_t Q = c.q_size(), KV = c.kv_size();
+  std::vector<CheckpointTensor> out;
+  if (c.arch == ModelArch::kQwenV1) {
+    out.push_back({"transformer.wte.weight", {V, H}});
+    for (int64_t i = 0; i < c.num_layers; ++i) {
+      const std::string p = fmt::format("transformer.h.{}.", i);
+      out.push_back({p + "ln_1.weight", {H}});
+      out.push_back({p + "attn.c_attn.weight", {3 * Q, H}});
+      out.push_back({p + "attn.c_attn.bias", {3 * Q}});
+      out.push_back({p + "attn.c_proj.weight", {H, Q}});
+      out.push_back({p + "ln_2.weight", {H}});
+      out.push_back({p + "mlp.w1.weight", {I, H}});
+      out.push_back({p + "mlp.w2.weight", {I, H}});
+      out.push_back({p + "mlp.c_proj.weight", {H, I}});
+    }
+    out.push_back({"transformer.ln_f.weight", {H}});
+  } else {
+    out.push_back({"model.embed_tokens.weight", {V, H}});
+    for (int64_t i = 0; i < c.num_layers; ++i) {
+      const std::string p = fmt::format("model.layers.{}.", i);
+      out.push_back({p + "input_layernorm.weight", {H}});
+      out.push_back({p + "self_attn.q_proj.weight", {Q, H}});
+      out.push_back({p + "self_attn.k_proj.weight", {KV, H}});
+      out.push_back({p + "self_attn.v_proj.weight", {KV, H}});
+      if (c.attention_bias) {
+        out.push_back({p + "self_attn.q_proj.bias", {Q}});
+        out.push_back({p + "self_attn.k_proj.bias", {KV}});
+        out.push_back({p + "self_attn.v_proj.bias", {KV}});
+      }
+      if (c.qk_norm) {
+        out.push_back({p + "self_attn.q_norm.weight", {c.head_dim}});
+        out.push_back({p + "self_attn.k_norm.weight", {c.head_dim}});
+      }
+      out.push_back({p + "self_attn.o_proj.weight", {H, Q}});
+      if (c.o_bias) out.push_back({p + "self_attn.o_proj.bias", {H}});
+      out.push_back({p + "post_attention_layernorm.weight", {H}});
+      out.push_back({p + "mlp.gate_proj.weight", {I, H}});
+      out.push_back({p + "mlp.up_proj.weight", {I, H}});
+      out.push_back({p + "mlp.down_proj.weight", {H, I}});
+    }
+    out.push_back({"model.norm.weight", {H}});
+  }
+  if (!c.tie_word_embeddings) out.push_back({"lm_head.weight", {V, H}});
+  return out;
+}
+
 Result<ModelWeights> LoadModelWeights(const ModelConfig& config,
                                       const std::filesystem::path& model_dir) {
   QILIN_ASSIGN_OR_RETURN(SafetensorsCheckpoint ckpt, SafetensorsCheckpoint::Open(model_dir));

@@ -58,6 +58,15 @@ struct ModelWeights {
 Result<ModelWeights> LoadModelWeights(const ModelConfig& config,
                                       const std::filesystem::path& model_dir);
 
+// The tensors a checkpoint of `config` holds, under its architecture's names, with their
+// shapes (lm_head left out when tied; Qwen v1's fused c_attn as stored): exactly what
+// LoadModelWeights looks for. For checkpoint writers, tools and benchmarks.
+struct CheckpointTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+std::vector<CheckpointTensor> ExpectedCheckpointTensors(const ModelConfig& config);
+
 // Random weights for any config (no checkpoint): normal(0, 0.02) for matrices and biases,
 // 1 + normal(0, 0.1) for norm weights, in `dtype` (BF16, F16 or F32). Deterministic in `seed`;
 // a tied lm_head shares embed_tokens.

@@ -407,6 +407,12 @@ TEST(ConfigTest, UnsupportedFeatures) {
   j["use_sliding_window"] = true;
   ExpectError(Parse(j), StatusCode::kUnimplemented, {"'use_sliding_window'"});
   j = TinyQwen2();
+  j["layer_types"] = {"full_attention", "sliding_attention"};
+  ExpectError(Parse(j), StatusCode::kUnimplemented,
+              {"'layer_types'", "layer 1", "sliding_attention"});
+  j["layer_types"] = {"full_attention", "full_attention"};
+  EXPECT_TRUE(Parse(j).ok());
+  j = TinyQwen2();
   j["hidden_act"] = "gelu";
   ExpectError(Parse(j), StatusCode::kUnimplemented, {"'hidden_act'", "gelu"});
   j = TinyQwen2();
