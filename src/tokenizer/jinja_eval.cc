@@ -23,9 +23,9 @@
 namespace qilin::tokenizer::jinja {
 namespace {
 
-constexpr size_t kMaxOutput = 16u << 20;   // bytes a render may produce
-constexpr int64_t kMaxSteps = 50'000'000;  // evaluation steps (bounds loops)
-constexpr int64_t kMaxRange = 1'000'000;
+constexpr size_t kMaxOutput = 16u << 20;  // bytes a render may produce
+constexpr int64_t kMaxSteps = 5'000'000;  // evaluation steps (bounds loops)
+constexpr int64_t kMaxRange = 100'000;
 
 [[noreturn]] void Fail(int line, const std::string& msg) {
   throw JinjaError(fmt::format("line {}: {}", line, msg));
