@@ -1,13 +1,12 @@
 #include "tokenizer/tokenizer.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "tokenizer/pretokenizer.h"
 #include "tokenizer/unicode.h"
@@ -487,7 +486,9 @@ Result<std::vector<std::vector<TokenId>>> Tokenizer::EncodeBatch(
     const std::vector<std::string>& texts, bool allow_special, int num_threads) const {
   std::vector<std::vector<TokenId>> out(texts.size());
   std::vector<Status> errors(texts.size());
-  int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  int threads = num_threads > 0
+                    ? num_threads
+                    : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const long n = static_cast<long>(texts.size());
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (long i = 0; i < n; ++i) {

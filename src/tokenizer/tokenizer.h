@@ -158,7 +158,8 @@ class StreamDecoder {
  public:
   struct Options {
     bool skip_special_tokens = true;
-    std::vector<std::string> stop;  // stop strings, matched across token boundaries
+    // Stop strings, matched across token boundaries (empty or invalid UTF-8 ones never match).
+    std::vector<std::string> stop;
     bool include_stop_str_in_output = false;
   };
   StreamDecoder(std::shared_ptr<const Tokenizer> tokenizer, Options options);
