@@ -218,6 +218,12 @@ Result<std::shared_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const std::strin
       model["dropout"].get<double>() > 0) {
     return Unimplemented("{}: BPE dropout is not supported", path);
   }
+  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
+    if (model.contains(key) && model[key].is_string() && !model[key].get<std::string>().empty()) {
+      return Unimplemented("{}: BPE {} \"{}\" is not supported", path, key,
+                           model[key].get<std::string>());
+    }
+  }
   tok->whole_piece_lookup_ = model.value("ignore_merges", false);
   if (!model.contains("vocab") || !model["vocab"].is_object()) return bad("model.vocab missing");
   std::string bytes;
