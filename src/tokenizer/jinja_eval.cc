@@ -55,9 +55,31 @@ const char* TypeName(const Value& v) {
   return "?";
 }
 
+constexpr int kMaxValueDepth = 256;
+
+// Sets a list's or dict's depth from its elements; fails beyond kMaxValueDepth. Namespaces (the
+// only mutable values) cannot be elements, so depths never go stale and no cycle can form.
+Value& Nest(Value& v, int line) {
+  int d = 0;
+  auto see = [&](const Value& x) {
+    if (x.is_namespace) Fail(line, "a namespace cannot be put inside a list, dict or namespace");
+    d = std::max(d, x.depth);
+  };
+  if (v.t == Value::T::kList) {
+    for (const auto& x : *v.list) see(x);
+  } else if (v.t == Value::T::kDict) {
+    for (const auto& kv : v.dict->items) see(kv.second);
+  }
+  v.depth = d + 1;
+  if (v.depth > kMaxValueDepth) {
+    Fail(line, fmt::format("value nested more than {} levels deep", kMaxValueDepth));
+  }
+  return v;
+}
+
 // ---- conversions ----
 
-Value FromJson(const nlohmann::ordered_json& j) {
+Value FromJson(const nlohmann::ordered_json& j, int depth = 0) {
   switch (j.type()) {
     case nlohmann::ordered_json::value_t::null:
       return Value::None();
@@ -75,14 +97,16 @@ Value FromJson(const nlohmann::ordered_json& j) {
     case nlohmann::ordered_json::value_t::string:
       return Value::Str(j.get<std::string>());
     case nlohmann::ordered_json::value_t::array: {
+      if (depth > kMaxValueDepth) Fail(0, "input JSON nested too deeply");
       Value v = Value::MakeList();
-      for (const auto& x : j) v.list->push_back(FromJson(x));
-      return v;
+      for (const auto& x : j) v.list->push_back(FromJson(x, depth + 1));
+      return Nest(v, 0);
     }
     case nlohmann::ordered_json::value_t::object: {
+      if (depth > kMaxValueDepth) Fail(0, "input JSON nested too deeply");
       Value v = Value::MakeDict();
-      for (const auto& [k, x] : j.items()) v.dict->items.emplace_back(k, FromJson(x));
-      return v;
+      for (const auto& [k, x] : j.items()) v.dict->items.emplace_back(k, FromJson(x, depth + 1));
+      return Nest(v, 0);
     }
     default:
       return Value::None();
@@ -651,6 +675,7 @@ class Evaluator {
                                      n.targets[0]));
           }
           ns.dict->Set(n.attr, std::move(v));
+          Nest(ns, n.line);
         } else if (n.targets.size() == 1) {
           SetVar(n.targets[0], std::move(v));
         } else {
@@ -741,7 +766,7 @@ class Evaluator {
               if (args.empty()) return Value();
               return args[static_cast<size_t>(k) % args.size()];
             }));
-      SetVar("loop", loop);
+      SetVar("loop", Nest(loop, n.line));
       BindTargets(n, items[k]);
       Flow f = Exec(*n.body);
       if (f == Flow::kBreak) break;
@@ -787,7 +812,7 @@ class Evaluator {
       case Expr::Kind::kTuple: {
         Value v = Value::MakeList();
         for (const auto& x : e.items) v.list->push_back(Eval(*x));
-        return v;
+        return Nest(v, e.line);
       }
       case Expr::Kind::kDict: {
         Value v = Value::MakeDict();
@@ -796,7 +821,7 @@ class Evaluator {
           if (key.t != Value::T::kString) Fail(e.line, "dict keys must be strings here");
           v.dict->Set(key.s, Eval(*e.items[k + 1]));
         }
-        return v;
+        return Nest(v, e.line);
       }
       case Expr::Kind::kAttr:
         return GetAttr(Eval(*e.a), e.str);
@@ -884,7 +909,7 @@ class Evaluator {
       Value out = Value::MakeList();
       run(static_cast<int64_t>(obj.list->size()),
           [&](int64_t k) { out.list->push_back((*obj.list)[static_cast<size_t>(k)]); });
-      return out;
+      return Nest(out, e.line);
     }
     if (obj.t == Value::T::kString) {
       std::vector<std::string_view> cs = Chars(obj.s);
@@ -961,7 +986,7 @@ class Evaluator {
         for (const auto& kv : args[0].dict->items) ns.dict->Set(kv.first, kv.second);
       }
       for (auto& [k, v] : kw.items) ns.dict->Set(k, v);
-      return ns;
+      return Nest(ns, line);
     }
     if (name == "range") {
       int64_t a = 0, b = 0, st = 1;
@@ -1005,16 +1030,17 @@ class Evaluator {
       if (m == "items") {
         Value out = Value::MakeList();
         for (const auto& [k, v] : obj.dict->items) {
-          out.list->push_back(Value::MakeList({Value::Str(k), v}));
+          Value pair = Value::MakeList({Value::Str(k), v});
+          out.list->push_back(Nest(pair, line));
         }
-        return out;
+        return Nest(out, line);
       }
       if (m == "keys" || m == "values") {
         Value out = Value::MakeList();
         for (const auto& [k, v] : obj.dict->items) {
           out.list->push_back(m == "keys" ? Value::Str(k) : v);
         }
-        return out;
+        return Nest(out, line);
       }
       // get
       const Value* key = Arg(args, kw, 0, "key");
@@ -1487,8 +1513,11 @@ class Evaluator {
       std::stable_sort(items.begin(), items.end(),
                        [](const auto& a, const auto& b) { return a.first < b.first; });
       Value out = Value::MakeList();
-      for (auto& [k, x] : items) out.list->push_back(Value::MakeList({Value::Str(k), x}));
-      return out;
+      for (auto& [k, x] : items) {
+        Value pair = Value::MakeList({Value::Str(k), x});
+        out.list->push_back(Nest(pair, line));
+      }
+      return Nest(out, line);
     }
     if (name == "unique") {
       List out;
@@ -1650,11 +1679,11 @@ Result<std::string> Template::Render(const nlohmann::ordered_json& context) cons
   std::string out;
   Evaluator ev(&out);
   ev.PushScope();
-  if (context.is_object()) {
-    for (const auto& [k, v] : context.items()) ev.SetVar(k, FromJson(v));
-  }
-  ev.PushScope();
   try {
+    if (context.is_object()) {
+      for (const auto& [k, v] : context.items()) ev.SetVar(k, FromJson(v));
+    }
+    ev.PushScope();
     ev.Exec(*root_);
   } catch (const JinjaError& e) {
     return InvalidArgument("chat template error: {}", e.what());

@@ -29,6 +29,7 @@ struct Value {
   std::shared_ptr<Dict> dict;
   std::shared_ptr<Func> fn;
   bool is_namespace = false;
+  int depth = 0;  // nesting of lists/dicts (bounded: deep values would overflow the stack)
 
   static Value None() { return Make(T::kNone); }
   static Value Bool(bool v) {
@@ -53,6 +54,9 @@ struct Value {
   }
   static Value MakeList(List items = {}) {
     Value x = Make(T::kList);
+    int d = 0;
+    for (const auto& v : items) d = v.depth > d ? v.depth : d;
+    x.depth = d + 1;
     x.list = std::make_shared<List>(std::move(items));
     return x;
   }
