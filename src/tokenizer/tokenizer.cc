@@ -451,6 +451,10 @@ void Tokenizer::EncodeNormalized(std::string_view text, std::vector<TokenId>* ou
 
 Status Tokenizer::EncodeOrdinary(std::string_view text, std::vector<TokenId>* out) const {
   if (text.empty()) return Status::Ok();
+  if (text.size() > (uint32_t{1} << 31)) {  // pre-tokenizer offsets are 32-bit
+    return OutOfRange("text of {} bytes is longer than the 2 GiB a single encode handles",
+                      text.size());
+  }
   if (nfc_) {
     thread_local std::string normalized;
     QILIN_ASSIGN_OR_RETURN(bool changed, NormalizeNfc(text, &normalized));
