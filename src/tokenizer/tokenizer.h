@@ -5,7 +5,9 @@
 //   QILIN_ASSIGN_OR_RETURN(auto tok, Tokenizer::Load("models/Qwen3-0.6B"));
 //   QILIN_ASSIGN_OR_RETURN(std::string prompt, tok->chat_template().Render(messages, {}));
 //   QILIN_ASSIGN_OR_RETURN(std::vector<TokenId> ids, tok->Encode(prompt));
-//   StreamDecoder dec(tok, {.skip_special_tokens = true, .stop = {"\n\n"}});
+//   StreamDecoder::Options opts;  // skips special tokens by default
+//   opts.stop = {"\n\n"};
+//   StreamDecoder dec(tok, opts);
 //   for (TokenId id : generated) out += dec.Push(id).value();  out += dec.Finish();
 //
 // Thread safety: a loaded Tokenizer is immutable; Encode/Decode/Render may run on any number of
