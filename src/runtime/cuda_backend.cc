@@ -159,7 +159,8 @@ Status CudaBackend::AllocWeights() {
     QILIN_ASSIGN_OR_RETURN(l.input_norm, Alloc(h));
     QILIN_ASSIGN_OR_RETURN(l.qkv, Alloc(qkv * h));
     if (c.attention_bias) {
-      QILIN_ASSIGN_OR_RETURN(l.qkv_bias, Alloc(qkv));
+      QILIN_ASSIGN_OR_RETURN(bf16_t * qb, Alloc(2 * qkv));
+      l.qkv_bias = reinterpret_cast<float*>(qb);
     }
     if (c.qk_norm) {
       QILIN_ASSIGN_OR_RETURN(l.q_norm, Alloc(c.head_dim));
@@ -167,7 +168,8 @@ Status CudaBackend::AllocWeights() {
     }
     QILIN_ASSIGN_OR_RETURN(l.o, Alloc(h * c.q_size()));
     if (c.o_bias) {
-      QILIN_ASSIGN_OR_RETURN(l.o_bias, Alloc(h));
+      QILIN_ASSIGN_OR_RETURN(bf16_t * ob, Alloc(2 * h));
+      l.o_bias = reinterpret_cast<float*>(ob);
     }
     QILIN_ASSIGN_OR_RETURN(l.post_norm, Alloc(h));
     QILIN_ASSIGN_OR_RETURN(l.gate_up, Alloc(2 * inter * h));
@@ -191,6 +193,14 @@ Status CudaBackend::UploadWeights(const ModelWeights& w) {
     const uint16_t* src = AsBf16(t, &tmp);
     return cuda::CudaStatus(cudaMemcpy(dst, src, t.numel() * 2, cudaMemcpyHostToDevice),
                             "cudaMemcpy(weights)");
+  };
+  std::vector<float> ftmp;
+  auto put_f32 = [&](const TensorView& t, float* dst) -> Status {
+    const uint16_t* src = AsBf16(t, &tmp);  // rounded to bf16 as the weights are
+    ftmp.resize(t.numel());
+    for (int64_t i = 0; i < t.numel(); ++i) ftmp[i] = Bf16ToF32(src[i]);
+    return cuda::CudaStatus(cudaMemcpy(dst, ftmp.data(), t.numel() * 4, cudaMemcpyHostToDevice),
+                            "cudaMemcpy(bias)");
   };
   QILIN_RETURN_IF_ERROR(put(w.embed_tokens, embed_));
   QILIN_RETURN_IF_ERROR(put(w.final_norm, final_norm_));
@@ -218,9 +228,9 @@ Status CudaBackend::UploadWeights(const ModelWeights& w) {
       QILIN_RETURN_IF_ERROR(check(l.q_bias, "q_bias", {q}));
       QILIN_RETURN_IF_ERROR(check(l.k_bias, "k_bias", {kv}));
       QILIN_RETURN_IF_ERROR(check(l.v_bias, "v_bias", {kv}));
-      QILIN_RETURN_IF_ERROR(put(l.q_bias, d.qkv_bias));
-      QILIN_RETURN_IF_ERROR(put(l.k_bias, d.qkv_bias + q));
-      QILIN_RETURN_IF_ERROR(put(l.v_bias, d.qkv_bias + q + kv));
+      QILIN_RETURN_IF_ERROR(put_f32(l.q_bias, d.qkv_bias));
+      QILIN_RETURN_IF_ERROR(put_f32(l.k_bias, d.qkv_bias + q));
+      QILIN_RETURN_IF_ERROR(put_f32(l.v_bias, d.qkv_bias + q + kv));
     }
     if (c.qk_norm) {
       QILIN_RETURN_IF_ERROR(check(l.q_norm, "q_norm", {c.head_dim}));
@@ -231,7 +241,7 @@ Status CudaBackend::UploadWeights(const ModelWeights& w) {
     QILIN_RETURN_IF_ERROR(put(l.o_proj, d.o));
     if (c.o_bias) {
       QILIN_RETURN_IF_ERROR(check(l.o_bias, "o_bias", {h}));
-      QILIN_RETURN_IF_ERROR(put(l.o_bias, d.o_bias));
+      QILIN_RETURN_IF_ERROR(put_f32(l.o_bias, d.o_bias));
     }
     QILIN_RETURN_IF_ERROR(put(l.post_attention_norm, d.post_norm));
     QILIN_RETURN_IF_ERROR(put(l.gate_proj, d.gate_up));
@@ -252,17 +262,24 @@ Status CudaBackend::FillDummyWeights(uint64_t seed, float matrix_std, float norm
                                                  norm ? norm_std : matrix_std, stream_),
                             "FillRandomBf16");
   };
+  auto fill_f32 = [&](float* p, int64_t n) -> Status {
+    ++id;
+    if (!p) return Status::Ok();
+    return cuda::CudaStatus(cuda::FillRandomF32(p, n, seed * 1000003u + id, 0.0f, matrix_std,
+                                                stream_),
+                            "FillRandomF32");
+  };
   QILIN_RETURN_IF_ERROR(fill(embed_, c.vocab_size * h, false));
   QILIN_RETURN_IF_ERROR(fill(final_norm_, h, true));
   if (!c.tie_word_embeddings) QILIN_RETURN_IF_ERROR(fill(lm_head_, c.vocab_size * h, false));
   for (const DevLayer& l : layers_) {
     QILIN_RETURN_IF_ERROR(fill(l.input_norm, h, true));
     QILIN_RETURN_IF_ERROR(fill(l.qkv, qkv * h, false));
-    QILIN_RETURN_IF_ERROR(fill(l.qkv_bias, qkv, false));
+    QILIN_RETURN_IF_ERROR(fill_f32(l.qkv_bias, qkv));
     QILIN_RETURN_IF_ERROR(fill(l.q_norm, c.head_dim, true));
     QILIN_RETURN_IF_ERROR(fill(l.k_norm, c.head_dim, true));
     QILIN_RETURN_IF_ERROR(fill(l.o, h * c.q_size(), false));
-    QILIN_RETURN_IF_ERROR(fill(l.o_bias, h, false));
+    QILIN_RETURN_IF_ERROR(fill_f32(l.o_bias, h));
     QILIN_RETURN_IF_ERROR(fill(l.post_norm, h, true));
     QILIN_RETURN_IF_ERROR(fill(l.gate_up, 2 * inter * h, false));
     QILIN_RETURN_IF_ERROR(fill(l.down, h * inter, false));
@@ -296,9 +313,9 @@ int64_t CudaBackend::KvBytesPerToken() const {
 
 int64_t CudaBackend::ActivationBytes(int32_t t) const {
   const ModelConfig& c = config_;
-  const int64_t per_token = c.hidden_size * 4 + c.hidden_size * 2 * 2 +
-                            (c.q_size() + 2 * c.kv_size()) * 2 + c.q_size() * 2 * 2 +
-                            c.intermediate_size * 3 * 2;
+  const int64_t per_token = c.hidden_size * 4 + c.hidden_size * 2 + c.hidden_size * 4 +
+                            (c.q_size() + 2 * c.kv_size()) * 4 + c.q_size() * 2 * 2 +
+                            c.intermediate_size * (2 * 4 + 2);
   const int64_t fixed =
       cuda::DecodePartialFloats(std::min(t, kDecodeChunk), c.num_heads, c.head_dim) * 4 +
       static_cast<int64_t>(kLogitsChunk) * c.vocab_size * 4 +
@@ -330,11 +347,11 @@ Status CudaBackend::EnsureActivations(int32_t t) {
   const size_t n = static_cast<size_t>(t);
   QILIN_RETURN_IF_ERROR(alloc(n * c.hidden_size * 4, &x_));
   QILIN_RETURN_IF_ERROR(alloc(n * c.hidden_size * 2, &h_));
-  QILIN_RETURN_IF_ERROR(alloc(n * (c.q_size() + 2 * c.kv_size()) * 2, &qkv_));
+  QILIN_RETURN_IF_ERROR(alloc(n * (c.q_size() + 2 * c.kv_size()) * 4, &qkv_));
   QILIN_RETURN_IF_ERROR(alloc(n * c.q_size() * 2, &q_));
   QILIN_RETURN_IF_ERROR(alloc(n * c.q_size() * 2, &attn_));
-  QILIN_RETURN_IF_ERROR(alloc(n * c.hidden_size * 2, &y_));
-  QILIN_RETURN_IF_ERROR(alloc(n * 2 * c.intermediate_size * 2, &gu_));
+  QILIN_RETURN_IF_ERROR(alloc(n * c.hidden_size * 4, &y_));
+  QILIN_RETURN_IF_ERROR(alloc(n * 2 * c.intermediate_size * 4, &gu_));
   QILIN_RETURN_IF_ERROR(alloc(n * c.intermediate_size * 2, &act_));
   QILIN_RETURN_IF_ERROR(
       alloc(cuda::DecodePartialFloats(std::min(t, kDecodeChunk), c.num_heads, c.head_dim) * 4,
@@ -518,7 +535,7 @@ Status CudaBackend::RunStep(const InputLayout& il, const StepShape& s) {
     QILIN_CUDA_RETURN(cuda::AddRmsNorm(x_, l == 0 ? nullptr : y_, nullptr, n, hid, w.input_norm,
                                        eps, h_, stream_),
                       "input norm");
-    QILIN_RETURN_IF_ERROR(gemm_.Linear(h_, n, hid, w.qkv, qkv, w.qkv_bias, qkv_, false, stream_));
+    QILIN_RETURN_IF_ERROR(gemm_.Linear(h_, n, hid, w.qkv, qkv, w.qkv_bias, qkv_, true, stream_));
     QILIN_CUDA_RETURN(cuda::RopeWriteKv(qkv_, n, c.num_heads, c.num_kv_heads, c.head_dim, w.q_norm,
                                         w.k_norm, eps, rope, slots, q_, k_cache, v_cache, stream_),
                       "rope + KV write");
@@ -533,13 +550,13 @@ Status CudaBackend::RunStep(const InputLayout& il, const StepShape& s) {
         cuda::PagedAttentionPrefill(q_, k_cache, v_cache, ab, tiles, s.tiles, c.num_heads,
                                     c.num_kv_heads, c.head_dim, scale, attn_, stream_),
         "prefill attention");
-    QILIN_RETURN_IF_ERROR(gemm_.Linear(attn_, n, qs, w.o, hid, w.o_bias, y_, false, stream_));
+    QILIN_RETURN_IF_ERROR(gemm_.Linear(attn_, n, qs, w.o, hid, w.o_bias, y_, true, stream_));
     QILIN_CUDA_RETURN(cuda::AddRmsNorm(x_, y_, nullptr, n, hid, w.post_norm, eps, h_, stream_),
                       "post norm");
     QILIN_RETURN_IF_ERROR(
-        gemm_.Linear(h_, n, hid, w.gate_up, 2 * inter, nullptr, gu_, false, stream_));
+        gemm_.Linear(h_, n, hid, w.gate_up, 2 * inter, nullptr, gu_, true, stream_));
     QILIN_CUDA_RETURN(cuda::SiluMul(gu_, n, inter, act_, stream_), "silu");
-    QILIN_RETURN_IF_ERROR(gemm_.Linear(act_, n, inter, w.down, hid, nullptr, y_, false, stream_));
+    QILIN_RETURN_IF_ERROR(gemm_.Linear(act_, n, inter, w.down, hid, nullptr, y_, true, stream_));
   }
   // Last residual add (the norm output is not used); then final norm + lm_head on sampled rows.
   QILIN_CUDA_RETURN(cuda::AddRmsNorm(x_, y_, nullptr, n, hid, final_norm_, eps, h_, stream_),

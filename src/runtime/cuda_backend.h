@@ -58,9 +58,9 @@ class CudaBackend : public Backend {
 
  private:
   struct DevLayer {
-    cuda::bf16_t *input_norm = nullptr, *qkv = nullptr, *qkv_bias = nullptr, *q_norm = nullptr,
-                 *k_norm = nullptr, *o = nullptr, *o_bias = nullptr, *post_norm = nullptr,
-                 *gate_up = nullptr, *down = nullptr;
+    cuda::bf16_t *input_norm = nullptr, *qkv = nullptr, *q_norm = nullptr, *k_norm = nullptr,
+                 *o = nullptr, *post_norm = nullptr, *gate_up = nullptr, *down = nullptr;
+    float *qkv_bias = nullptr, *o_bias = nullptr;  // f32, the type of the GEMM outputs
   };
   // Offsets (bytes) of one step's inputs in the host/device input buffers.
   struct InputLayout {
@@ -108,8 +108,9 @@ class CudaBackend : public Backend {
   // Activations for act_tokens_ tokens.
   int32_t act_tokens_ = 0;
   float* x_ = nullptr;
-  cuda::bf16_t *h_ = nullptr, *qkv_ = nullptr, *q_ = nullptr, *attn_ = nullptr, *y_ = nullptr,
-               *gu_ = nullptr, *act_ = nullptr, *rows_h_ = nullptr;
+  // GEMM inputs in bf16, GEMM outputs in f32 (residual adds, rope and SwiGLU read f32).
+  cuda::bf16_t *h_ = nullptr, *q_ = nullptr, *attn_ = nullptr, *act_ = nullptr, *rows_h_ = nullptr;
+  float *qkv_ = nullptr, *y_ = nullptr, *gu_ = nullptr;
   float* partial_ = nullptr;
   float* logits_ = nullptr;  // [kLogitsChunk, vocab]
 

@@ -109,12 +109,12 @@ TEST(CudaOps, AddRmsNormAndRows) {
   for (int64_t dim : {33, 1031, 4099}) {
     const int64_t n = 7;
     auto x = RandF32(n * dim, 2.0f);
-    auto y = RandBf16(n * dim);
+    auto y = RandF32(n * dim);
     auto w = RandBf16(dim, 0.1f, 1.0f);
-    Dev<float> dx(x);
-    Dev<uint16_t> dy(y), dw(w), dout(n * dim);
+    Dev<float> dx(x), dy(y);
+    Dev<uint16_t> dw(w), dout(n * dim);
     CUDA_OK(cuda::AddRmsNorm(dx.p, dy.p, nullptr, n, dim, dw.p, 1e-6f, dout.p, nullptr));
-    std::vector<float> xr = x, yf = ToF32(y), ref(n * dim);
+    std::vector<float> xr = x, yf = y, ref(n * dim);
     for (int64_t i = 0; i < n * dim; ++i) xr[i] += yf[i];
     cpu::RmsNorm(xr.data(), n, dim, {DType::kBF16, w.data()}, 1e-6f, ref.data());
     EXPECT_LT(RelErr(dx.Get(), xr), 1e-6) << dim;
@@ -134,14 +134,15 @@ TEST(CudaOps, AddRmsNormAndRows) {
 TEST(CudaOps, SiluMul) {
   SKIP_WITHOUT_GPU();
   const int64_t n = 5, inter = 333;
-  auto gu = RandBf16(n * 2 * inter, 2.0f);
-  Dev<uint16_t> dgu(gu), dout(n * inter);
+  auto gu = RandF32(n * 2 * inter, 2.0f);
+  Dev<float> dgu(gu);
+  Dev<uint16_t> dout(n * inter);
   CUDA_OK(cuda::SiluMul(dgu.p, n, inter, dout.p, nullptr));
   std::vector<float> g(n * inter), u(n * inter), ref(n * inter);
   for (int64_t r = 0; r < n; ++r) {
     for (int64_t j = 0; j < inter; ++j) {
-      g[r * inter + j] = Bf16ToF32(gu[r * 2 * inter + j]);
-      u[r * inter + j] = Bf16ToF32(gu[r * 2 * inter + inter + j]);
+      g[r * inter + j] = gu[r * 2 * inter + j];
+      u[r * inter + j] = gu[r * 2 * inter + inter + j];
     }
   }
   cpu::SiluMul(g.data(), u.data(), n, inter, ref.data());
@@ -155,12 +156,16 @@ TEST(CudaOps, LinearThroughCublasLt) {
   for (int64_t n : {1, 3, 37, 300}) {
     for (bool with_bias : {false, true}) {
       for (bool f32 : {false, true}) {
-        const int64_t in = 136, out = 203;
+        // bf16 outputs need rows of whole 16-byte vectors (every model dimension is); f32 any.
+        const int64_t in = 136, out = f32 ? 203 : 208;
         auto x = RandBf16(n * in), w = RandBf16(out * in, 0.1f), b = RandBf16(out);
+        std::vector<float> bf = ToF32(b);
         Dev<uint16_t> dx(x), dw(w), db(b);
+        Dev<float> dbf(bf);
         Dev<uint16_t> dy16(n * out);
         Dev<float> dy32(n * out);
-        Status st = gemm.Linear(dx.p, n, in, dw.p, out, with_bias ? db.p : nullptr,
+        const void* bias = !with_bias ? nullptr : f32 ? static_cast<const void*>(dbf.p) : db.p;
+        Status st = gemm.Linear(dx.p, n, in, dw.p, out, bias,
                                 f32 ? static_cast<void*>(dy32.p) : dy16.p, f32, nullptr);
         ASSERT_TRUE(st.ok()) << st.ToString();
         std::vector<float> xf = ToF32(x), ref(n * out);
@@ -190,7 +195,7 @@ TEST(CudaOps, RopeWriteKvAllScalingTypes) {
         c.rope_scaling.factor = 4.0;
         const int64_t n = 13, H = c.num_heads, KV = c.num_kv_heads, row = (H + 2 * KV) * hd;
         const int64_t half = hd / 2, slots = 40;
-        auto qkv = RandBf16(n * row);
+        auto qkv = RandF32(n * row);
         auto qn = RandBf16(hd, 0.1f, 1.0f), kn = RandBf16(hd, 0.1f, 1.0f);
         std::vector<int32_t> pos(n), table_of(n);
         std::vector<int64_t> slot(n);
@@ -206,9 +211,8 @@ TEST(CudaOps, RopeWriteKvAllScalingTypes) {
         std::vector<float> inv = f0.inv_freq;
         inv.insert(inv.end(), f1.inv_freq.begin(), f1.inv_freq.end());
         std::vector<float> scales = {f0.attention_scaling, f1.attention_scaling};
-        Dev<uint16_t> dqkv(qkv), dqn(qn), dkn(kn), dq(n * H * hd), dk(slots * KV * hd),
-            dv(slots * KV * hd);
-        Dev<float> dinv(inv), dscales(scales), dlogn(logn);
+        Dev<uint16_t> dqn(qn), dkn(kn), dq(n * H * hd), dk(slots * KV * hd), dv(slots * KV * hd);
+        Dev<float> dqkv(qkv), dinv(inv), dscales(scales), dlogn(logn);
         Dev<int32_t> dpos(pos), dtab(table_of);
         Dev<int64_t> dslot(slot);
         cuda::RopeArgs ra{dinv.p, dscales.p, dtab.p, dpos.p, dlogn.p};
@@ -221,8 +225,7 @@ TEST(CudaOps, RopeWriteKvAllScalingTypes) {
         auto q_out = ToF32(dq.Get()), k_out = ToF32(dk.Get()), v_out = ToF32(dv.Get());
         std::vector<float> cs(half), sn(half);
         for (int64_t t = 0; t < n; ++t) {
-          std::vector<float> x = ToF32(std::vector<uint16_t>(qkv.begin() + t * row,
-                                                             qkv.begin() + (t + 1) * row));
+          std::vector<float> x(qkv.begin() + t * row, qkv.begin() + (t + 1) * row);
           if (qk_norm) {
             cpu::RmsNorm(x.data(), H, hd, {DType::kBF16, qn.data()}, 1e-6f, x.data());
             cpu::RmsNorm(x.data() + H * hd, KV, hd, {DType::kBF16, kn.data()}, 1e-6f,
@@ -243,7 +246,7 @@ TEST(CudaOps, RopeWriteKvAllScalingTypes) {
                                  std::to_string(hd) + " qk_norm " + std::to_string(qk_norm);
         EXPECT_LT(RelErr(q_out, qref), kBf16Tol) << what;
         EXPECT_LT(RelErr(kgot, kref), kBf16Tol) << what;
-        EXPECT_EQ(RelErr(vgot, vref), 0.0) << what;
+        EXPECT_LT(RelErr(vgot, vref), kBf16Tol) << what;
       }
     }
   }

@@ -40,15 +40,15 @@ __global__ void EmbeddingKernel(const bf16_t* table, int64_t dim, const int32_t*
 }
 
 // One block per row: reads x (4 B) and y (2 B), writes x (4 B) and out (2 B) per element.
-__global__ void AddRmsNormKernel(float* x, const bf16_t* y, const int32_t* rows, int64_t dim,
+__global__ void AddRmsNormKernel(float* x, const float* y, const int32_t* rows, int64_t dim,
                                  const bf16_t* w, float eps, bf16_t* out) {
   const int64_t r = blockIdx.x;
   float* xr = x + (rows ? static_cast<int64_t>(rows[r]) : r) * dim;
   float ss = 0.0f;
   if (y) {
-    const bf16_t* yr = y + r * dim;
+    const float* yr = y + r * dim;
     for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-      const float v = xr[j] + Ld(yr, j);
+      const float v = xr[j] + yr[j];
       xr[j] = v;
       ss += v * v;
     }
@@ -61,18 +61,18 @@ __global__ void AddRmsNormKernel(float* x, const bf16_t* y, const int32_t* rows,
     St(out + r * dim, j, xr[j] * inv * Ld(w, j));
 }
 
-__global__ void SiluMulKernel(const bf16_t* gu, int64_t n, int64_t inter, bf16_t* out) {
+__global__ void SiluMulKernel(const float* gu, int64_t n, int64_t inter, bf16_t* out) {
   const int64_t total = n * inter;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / inter, j = i - r * inter;
-    const float g = Ld(gu, r * 2 * inter + j), u = Ld(gu, r * 2 * inter + inter + j);
+    const float g = gu[r * 2 * inter + j], u = gu[r * 2 * inter + inter + j];
     St(out, i, g / (1.0f + expf(-g)) * u);
   }
 }
 
 // One block per token, one warp per head (q heads, then k heads, then v heads).
-__global__ void RopeWriteKvKernel(const bf16_t* qkv, int64_t num_heads, int64_t num_kv_heads,
+__global__ void RopeWriteKvKernel(const float* qkv, int64_t num_heads, int64_t num_kv_heads,
                                   int64_t head_dim, const bf16_t* q_norm, const bf16_t* k_norm,
                                   float eps, RopeArgs rope, const int64_t* slot_mapping,
                                   bf16_t* q_out, bf16_t* k_cache, bf16_t* v_cache) {
@@ -88,10 +88,10 @@ __global__ void RopeWriteKvKernel(const bf16_t* qkv, int64_t num_heads, int64_t 
   const float pos = static_cast<float>(rope.positions[t]);
   const float qscale = rope.logn ? rope.logn[t] : 1.0f;
   for (int64_t h = warp; h < num_heads + 2 * num_kv_heads; h += warps) {
-    const bf16_t* src = qkv + t * row + h * head_dim;
+    const float* src = qkv + t * row + h * head_dim;
     if (h >= num_heads + num_kv_heads) {  // v: copy into the cache
       bf16_t* dst = v_cache + slot * kv_size + (h - num_heads - num_kv_heads) * head_dim;
-      for (int64_t i = lane; i < head_dim; i += 32) dst[i] = src[i];
+      for (int64_t i = lane; i < head_dim; i += 32) St(dst, i, src[i]);
       continue;
     }
     const bool is_q = h < num_heads;
@@ -99,7 +99,7 @@ __global__ void RopeWriteKvKernel(const bf16_t* qkv, int64_t num_heads, int64_t 
     float inv = 1.0f;
     if (norm) {
       float ss = 0.0f;
-      for (int64_t i = lane; i < head_dim; i += 32) ss += Ld(src, i) * Ld(src, i);
+      for (int64_t i = lane; i < head_dim; i += 32) ss += src[i] * src[i];
       ss = WarpSum(ss);
       inv = 1.0f / sqrtf(ss / static_cast<float>(head_dim) + eps);
     }
@@ -107,7 +107,7 @@ __global__ void RopeWriteKvKernel(const bf16_t* qkv, int64_t num_heads, int64_t 
                        : k_cache + slot * kv_size + (h - num_heads) * head_dim;
     const float scale = is_q ? qscale : 1.0f;
     for (int64_t i = lane; i < half; i += 32) {
-      float a = Ld(src, i), b = Ld(src, i + half);
+      float a = src[i], b = src[i + half];
       if (norm) {
         a = a * inv * Ld(norm, i);
         b = b * inv * Ld(norm, i + half);
@@ -129,7 +129,8 @@ __device__ __forceinline__ uint64_t SplitMix(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-__global__ void FillRandomKernel(bf16_t* dst, int64_t n, uint64_t seed, float mean, float stdev) {
+template <typename T>
+__global__ void FillRandomKernel(T* dst, int64_t n, uint64_t seed, float mean, float stdev) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const uint64_t h = SplitMix(seed * 0x2545f4914f6cdd1dull ^ SplitMix(static_cast<uint64_t>(i)));
@@ -137,7 +138,11 @@ __global__ void FillRandomKernel(bf16_t* dst, int64_t n, uint64_t seed, float me
     const float u1 = (static_cast<float>(h & 0xffffff) + 1.0f) * (1.0f / 16777216.0f);
     const float u2 = static_cast<float>((h >> 24) & 0xffffff) * (1.0f / 16777216.0f);
     const float z = sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
-    St(dst, i, mean + stdev * z);
+    if constexpr (sizeof(T) == 4) {
+      dst[i] = mean + stdev * z;
+    } else {
+      St(dst, i, mean + stdev * z);
+    }
   }
 }
 
@@ -164,7 +169,7 @@ cudaError_t EmbeddingGather(const bf16_t* table, int64_t dim, const int32_t* ids
   return cudaGetLastError();
 }
 
-cudaError_t AddRmsNorm(float* x, const bf16_t* y, const int32_t* rows, int64_t n, int64_t dim,
+cudaError_t AddRmsNorm(float* x, const float* y, const int32_t* rows, int64_t n, int64_t dim,
                        const bf16_t* w, float eps, bf16_t* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int threads = dim >= 4096 ? 1024 : dim >= 1024 ? 512 : 128;
@@ -172,13 +177,13 @@ cudaError_t AddRmsNorm(float* x, const bf16_t* y, const int32_t* rows, int64_t n
   return cudaGetLastError();
 }
 
-cudaError_t SiluMul(const bf16_t* gu, int64_t n, int64_t inter, bf16_t* out, cudaStream_t stream) {
+cudaError_t SiluMul(const float* gu, int64_t n, int64_t inter, bf16_t* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   SiluMulKernel<<<GridFor(n * inter, 256), 256, 0, stream>>>(gu, n, inter, out);
   return cudaGetLastError();
 }
 
-cudaError_t RopeWriteKv(const bf16_t* qkv, int64_t n, int64_t num_heads, int64_t num_kv_heads,
+cudaError_t RopeWriteKv(const float* qkv, int64_t n, int64_t num_heads, int64_t num_kv_heads,
                         int64_t head_dim, const bf16_t* q_norm, const bf16_t* k_norm, float eps,
                         const RopeArgs& rope, const int64_t* slot_mapping, bf16_t* q_out,
                         bf16_t* k_cache, bf16_t* v_cache, cudaStream_t stream) {
@@ -191,7 +196,14 @@ cudaError_t RopeWriteKv(const bf16_t* qkv, int64_t n, int64_t num_heads, int64_t
 cudaError_t FillRandomBf16(bf16_t* dst, int64_t n, uint64_t seed, float mean, float stdev,
                            cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  FillRandomKernel<<<GridFor(n, 256), 256, 0, stream>>>(dst, n, seed, mean, stdev);
+  FillRandomKernel<bf16_t><<<GridFor(n, 256), 256, 0, stream>>>(dst, n, seed, mean, stdev);
+  return cudaGetLastError();
+}
+
+cudaError_t FillRandomF32(float* dst, int64_t n, uint64_t seed, float mean, float stdev,
+                          cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  FillRandomKernel<float><<<GridFor(n, 256), 256, 0, stream>>>(dst, n, seed, mean, stdev);
   return cudaGetLastError();
 }
 

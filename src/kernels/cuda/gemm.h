@@ -22,7 +22,7 @@ class Gemm {
   ~Gemm();
   Status Init(size_t workspace_bytes = 32u << 20);
 
-  // x, w, bias bf16 (bias may be null); y bf16 (y_f32 = false) or f32.
+  // x, w bf16; y bf16 (y_f32 = false) or f32; bias (may be null) of y's type.
   Status Linear(const void* x, int64_t n, int64_t in, const void* w, int64_t out, const void* bias,
                 void* y, bool y_f32, cudaStream_t stream);
 

@@ -16,15 +16,16 @@ using bf16_t = uint16_t;  // raw bf16 bits on the host side of the interface
 cudaError_t EmbeddingGather(const bf16_t* table, int64_t dim, const int32_t* ids, int64_t n,
                             float* x, cudaStream_t stream);
 
-// Fused residual add + RMSNorm, one block per row: if `y` is not null, x[i, :] += y[i, :] (y bf16),
+// Fused residual add + RMSNorm, one block per row: if `y` is not null, x[i, :] += y[i, :] (y f32,
+// the GEMM output),
 // then out[i, :] = bf16(x / sqrt(mean(x^2) + eps) * w). `rows` (may be null) picks the rows of x:
 // row r of out comes from x[rows[r]] (lm_head on sampled rows); then y must be null.
-cudaError_t AddRmsNorm(float* x, const bf16_t* y, const int32_t* rows, int64_t n, int64_t dim,
+cudaError_t AddRmsNorm(float* x, const float* y, const int32_t* rows, int64_t n, int64_t dim,
                        const bf16_t* w, float eps, bf16_t* out, cudaStream_t stream);
 
 // out[i, j] = bf16(silu(gu[i, j]) * gu[i, inter + j]); gu is the fused gate|up GEMM output
-// [n, 2 * inter]. Reads 4 and writes 2 bytes per output.
-cudaError_t SiluMul(const bf16_t* gu, int64_t n, int64_t inter, bf16_t* out, cudaStream_t stream);
+// [n, 2 * inter] in f32. Reads 8 and writes 2 bytes per output.
+cudaError_t SiluMul(const float* gu, int64_t n, int64_t inter, bf16_t* out, cudaStream_t stream);
 
 // Rope tables: `inv_freq` [num_tables, head_dim / 2] f32 and `attn_scale` [num_tables] (yarn's
 // cos/sin factor); token t uses table `table_of[t]`. Filled by the host from cpu::ComputeRopeFreqs
@@ -37,11 +38,11 @@ struct RopeArgs {
   const float* logn = nullptr;  // [n] query scale (Qwen v1 logn attention) or null
 };
 
-// Per token t of the fused qkv GEMM output [n, (H + 2 * KV) * D] (bf16): optional per-head RMSNorm
+// Per token t of the fused qkv GEMM output [n, (H + 2 * KV) * D] (f32): optional per-head RMSNorm
 // of q and k (Qwen3; q_norm/k_norm may be null), rotary embedding in neox order on q and k, logn
 // scale on q; writes q to `q_out` [n, H * D] and k, v to the bf16 caches at slot_mapping[t]
 // ([slots, KV * D]). One warp per head.
-cudaError_t RopeWriteKv(const bf16_t* qkv, int64_t n, int64_t num_heads, int64_t num_kv_heads,
+cudaError_t RopeWriteKv(const float* qkv, int64_t n, int64_t num_heads, int64_t num_kv_heads,
                         int64_t head_dim, const bf16_t* q_norm, const bf16_t* k_norm, float eps,
                         const RopeArgs& rope, const int64_t* slot_mapping, bf16_t* q_out,
                         bf16_t* k_cache, bf16_t* v_cache, cudaStream_t stream);
@@ -84,6 +85,9 @@ cudaError_t PagedAttentionPrefill(const bf16_t* q, const bf16_t* k_cache, const 
 // dst[i] = bf16(hash_normal(seed, i) * stdev + mean), i < n: random weights made on the device.
 cudaError_t FillRandomBf16(bf16_t* dst, int64_t n, uint64_t seed, float mean, float stdev,
                            cudaStream_t stream);
+
+cudaError_t FillRandomF32(float* dst, int64_t n, uint64_t seed, float mean, float stdev,
+                          cudaStream_t stream);
 
 // Copies whole KV blocks: for each pair (src, dst) in `pairs` [count], `block_elems` bf16 values.
 cudaError_t CopyBlocks(bf16_t* cache, const int2* pairs, int32_t count, int64_t block_elems,
