@@ -103,9 +103,12 @@ int main(int argc, char** argv) {
   std::string model = "configs/qwen2.5-7b";
   int decode_steps = 256;
   for (int i = 1; i + 1 < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--model")) model = argv[i + 1];
-    else if (!std::strcmp(argv[i], "--decode-steps")) decode_steps = std::atoi(argv[i + 1]);
-    else Die(std::string("unknown flag ") + argv[i]);
+    if (!std::strcmp(argv[i], "--model"))
+      model = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--decode-steps"))
+      decode_steps = std::atoi(argv[i + 1]);
+    else
+      Die(std::string("unknown flag ") + argv[i]);
   }
   if (CudaDeviceCount() == 0) Die("no CUDA device");
   cudaDeviceProp prop{};
@@ -124,7 +127,8 @@ int main(int argc, char** argv) {
     Check(cudaMalloc(&a, bytes), "malloc");
     Check(cudaMalloc(&b, bytes), "malloc");
     cudaMemsetAsync(a, 1, bytes, st);
-    const double t = TimeEvents(st, 10, [&] { cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, st); });
+    const double t =
+        TimeEvents(st, 10, [&] { cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, st); });
     bandwidth = 2.0 * bytes / t;
     cudaFree(a);
     cudaFree(b);
@@ -141,7 +145,8 @@ int main(int argc, char** argv) {
     cuda::FillRandomBf16(w, n * n, 2, 0.0f, 1.0f, st);
     cuda::Gemm gemm;
     Check(gemm.Init());
-    const double t = TimeEvents(st, 10, [&] { Check(gemm.Linear(x, n, n, w, n, nullptr, y, false, st)); });
+    const double t =
+        TimeEvents(st, 10, [&] { Check(gemm.Linear(x, n, n, w, n, nullptr, y, false, st)); });
     matmul = 2.0 * n * n * n / t;
     cudaFree(x);
     cudaFree(w);
@@ -220,25 +225,30 @@ int main(int argc, char** argv) {
 
   const double decode_limit = bandwidth / weight_bytes;
   const double prefill_limit_s = 2.0 * params * 4096 / matmul;
-  std::printf("\n== qilin CUDA backend: %s, %s (dummy bf16 weights on the device) ==\n",
-              prop.name, model.c_str());
+  std::printf("\n== qilin CUDA backend: %s, %s (dummy bf16 weights on the device) ==\n", prop.name,
+              model.c_str());
   std::printf("device: %s, %d SMs, %.1f GiB\n", prop.name, prop.multiProcessorCount,
               prop.totalGlobalMem / 1073741824.0);
-  std::printf("model: %.2f B params, %.2f GB bf16 weights on the device (made in %.2f s); KV pool "
-              "%d blocks of %d tokens\n",
-              params / 1e9, weight_bytes / 1e9, init_s, *blocks, bs);
+  std::printf(
+      "model: %.2f B params, %.2f GB bf16 weights on the device (made in %.2f s); KV pool "
+      "%d blocks of %d tokens\n",
+      params / 1e9, weight_bytes / 1e9, init_s, *blocks, bs);
   std::printf("%-44s %14s %14s %8s\n", "figure", "measured", "limit", "of limit");
-  std::printf("%-44s %11.0f GB/s %14s %8s\n", "copy bandwidth D2D (read+write)", bandwidth / 1e9, "", "");
-  std::printf("%-44s %9.0f TFLOP/s %14s %8s\n", "bf16 matmul 8192^3 (cuBLASLt)", matmul / 1e12, "", "");
-  std::printf("%-44s %10.1f tok/s %8.1f tok/s %7.1f%%\n", "batch-1 decode (128-token context, graphs)",
-              decode_tps, decode_limit, 100 * decode_tps / decode_limit);
+  std::printf("%-44s %11.0f GB/s %14s %8s\n", "copy bandwidth D2D (read+write)", bandwidth / 1e9,
+              "", "");
+  std::printf("%-44s %9.0f TFLOP/s %14s %8s\n", "bf16 matmul 8192^3 (cuBLASLt)", matmul / 1e12, "",
+              "");
+  std::printf("%-44s %10.1f tok/s %8.1f tok/s %7.1f%%\n",
+              "batch-1 decode (128-token context, graphs)", decode_tps, decode_limit,
+              100 * decode_tps / decode_limit);
   std::printf("%-44s %11.2f ms %11.2f ms %7.1f%%\n", "batch-1 decode step", decode_ms,
               1e3 / decode_limit, 100 * decode_tps / decode_limit);
-  std::printf("%-44s %11.1f ms %11.1f ms %7.1f%%\n", "prefill, one 4096-token prompt", prefill_s * 1e3,
-              prefill_limit_s * 1e3, 100 * prefill_limit_s / prefill_s);
+  std::printf("%-44s %11.1f ms %11.1f ms %7.1f%%\n", "prefill, one 4096-token prompt",
+              prefill_s * 1e3, prefill_limit_s * 1e3, 100 * prefill_limit_s / prefill_s);
   std::printf("%-44s %10.0f tok/s\n", "prefill tokens/s", 4096 / prefill_s);
   std::printf("%-44s %10.0f tok/s (prefill of 8192 tokens %.1f ms, decode step %.2f ms)\n",
-              "64 x (128 in / 128 out), backend only", conc_tps, conc_prefill_s * 1e3, conc_step_ms);
+              "64 x (128 in / 128 out), backend only", conc_tps, conc_prefill_s * 1e3,
+              conc_step_ms);
   cudaStreamDestroy(st);
   return 0;
 }

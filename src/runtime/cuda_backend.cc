@@ -265,9 +265,9 @@ Status CudaBackend::FillDummyWeights(uint64_t seed, float matrix_std, float norm
   auto fill_f32 = [&](float* p, int64_t n) -> Status {
     ++id;
     if (!p) return Status::Ok();
-    return cuda::CudaStatus(cuda::FillRandomF32(p, n, seed * 1000003u + id, 0.0f, matrix_std,
-                                                stream_),
-                            "FillRandomF32");
+    return cuda::CudaStatus(
+        cuda::FillRandomF32(p, n, seed * 1000003u + id, 0.0f, matrix_std, stream_),
+        "FillRandomF32");
   };
   QILIN_RETURN_IF_ERROR(fill(embed_, c.vocab_size * h, false));
   QILIN_RETURN_IF_ERROR(fill(final_norm_, h, true));

@@ -24,13 +24,13 @@ namespace {
 
 using cuda::bf16_t;
 
-#define SKIP_WITHOUT_GPU()                                          \
-  do {                                                              \
-    int n = 0;                                                      \
-    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {          \
-      cudaGetLastError();                                           \
-      GTEST_SKIP() << "no CUDA device";                             \
-    }                                                               \
+#define SKIP_WITHOUT_GPU()                                 \
+  do {                                                     \
+    int n = 0;                                             \
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) { \
+      cudaGetLastError();                                  \
+      GTEST_SKIP() << "no CUDA device";                    \
+    }                                                      \
   } while (0)
 
 #define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
@@ -123,10 +123,11 @@ TEST(CudaOps, AddRmsNormAndRows) {
     std::vector<int32_t> rows = {6, 0, 3, 3};
     Dev<int32_t> drows(rows);
     Dev<uint16_t> dsel(rows.size() * dim);
-    CUDA_OK(cuda::AddRmsNorm(dx.p, nullptr, drows.p, rows.size(), dim, dw.p, 1e-6f, dsel.p,
-                             nullptr));
+    CUDA_OK(
+        cuda::AddRmsNorm(dx.p, nullptr, drows.p, rows.size(), dim, dw.p, 1e-6f, dsel.p, nullptr));
     std::vector<float> sel;
-    for (int32_t r : rows) sel.insert(sel.end(), ref.begin() + r * dim, ref.begin() + (r + 1) * dim);
+    for (int32_t r : rows)
+      sel.insert(sel.end(), ref.begin() + r * dim, ref.begin() + (r + 1) * dim);
     EXPECT_LT(RelErr(ToF32(dsel.Get()), sel), kBf16Tol) << dim;
   }
 }
@@ -258,8 +259,8 @@ void CheckAttention(int64_t hd, int64_t H, int64_t KV, bool use_prefill) {
   const int32_t bs = 16, num_blocks = 200;
   const int64_t kv_size = KV * hd, q_size = H * hd;
   // (new tokens, context) per sequence.
-  std::vector<std::pair<int32_t, int32_t>> seqs = {{77, 77}, {45, 150}, {1, 1000}, {1, 3},
-                                                   {130, 131}};
+  std::vector<std::pair<int32_t, int32_t>> seqs = {
+      {77, 77}, {45, 150}, {1, 1000}, {1, 3}, {130, 131}};
   const int32_t S = static_cast<int32_t>(seqs.size());
   int32_t max_blocks = 0;
   for (auto& s : seqs) max_blocks = std::max(max_blocks, (s.second + bs - 1) / bs);

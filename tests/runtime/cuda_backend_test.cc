@@ -151,7 +151,8 @@ TEST(CudaBackend, KvSizingAndErrors) {
   EXPECT_GT(*blocks, 100);
   // Activations for two billion tokens per step cannot fit: a clear error, not a crash.
   auto too_many = (*be)->ProposeNumKvBlocks(32, 0.9, 2000000000);
-  EXPECT_EQ(too_many.status().code(), StatusCode::kResourceExhausted) << too_many.status().ToString();
+  EXPECT_EQ(too_many.status().code(), StatusCode::kResourceExhausted)
+      << too_many.status().ToString();
   EXPECT_FALSE((*be)->ProposeNumKvBlocks(0, 0.5, 16).ok());
   EXPECT_FALSE((*be)->ProposeNumKvBlocks(32, 1.5, 16).ok());
   ForwardBatch b;
