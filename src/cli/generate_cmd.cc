@@ -27,7 +27,7 @@ struct GenerateOptions {
   bool prompt_ids_given = false;
   std::string prompts_jsonl;
   int64_t max_tokens = 16;
-  std::string device = "cpu";
+  std::string device = "auto";
   bool ignore_eos = false;
   int32_t block_size = 32;
 };
@@ -131,17 +131,17 @@ int RunGenerate(const GenerateOptions& o) {
         !o.prompt_ids_given ? fmt::format("{} prompt {}", o.prompts_jsonl, i + 1) : "--prompt-ids";
     OrThrow(ValidateGreedyRequest(config, reqs[i], what));
   }
-  ModelWeights weights;
+  std::unique_ptr<Backend> backend;
   if (o.dummy_weights) {
     const DType dtype =
         (config.dtype == DType::kF16 || config.dtype == DType::kF32) ? config.dtype : DType::kBF16;
-    spdlog::info("generate: random {} weights for {} (seed {})", DTypeName(dtype),
-                 config.architecture, o.seed);
-    weights = OrThrow(MakeDummyWeights(config, dtype, o.seed));
+    spdlog::info("generate: random weights for {} on {} (seed {})", config.architecture,
+                 ResolveDevice(o.device), o.seed);
+    backend = OrThrow(MakeDummyBackend(o.device, config, dtype, o.seed));
   } else {
-    weights = OrThrow(LoadModelWeights(config, o.model_dir));
+    backend =
+        OrThrow(MakeBackend(o.device, config, OrThrow(LoadModelWeights(config, o.model_dir))));
   }
-  std::unique_ptr<Backend> backend = OrThrow(MakeBackend(o.device, config, std::move(weights)));
   int32_t blocks = 0;
   for (const auto& r : reqs) blocks = std::max(blocks, GreedyBlocksNeeded(r, o.block_size));
   OrThrow(backend->AllocateKvCache({blocks, o.block_size}));
@@ -163,7 +163,8 @@ RegisterCommand reg(
       sub.add_option("--prompts-jsonl", o->prompts_jsonl,
                      "file of {\"prompt_ids\":[...],\"max_tokens\":N} lines");
       sub.add_option("--max-tokens", o->max_tokens, "tokens to generate")->capture_default_str();
-      sub.add_option("--device", o->device, "cpu or cuda")->capture_default_str();
+      sub.add_option("--device", o->device, "cpu, cuda or auto (cuda where a GPU is present)")
+          ->capture_default_str();
       sub.add_flag("--ignore-eos", o->ignore_eos, "do not stop at eos ids");
       sub.add_option("--block-size", o->block_size, "KV cache block size")->capture_default_str();
       return [o]() { return RunGenerate(*o); };

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Packs what tools/device/run-gpu-checks.sh needs on the GPU machine into <dest>/.dev/gpu (ignored
+# by git; pass carry [".dev/gpu"] to the device tool): the CUDA test binary, the benchmark, the
+# qilin binary, the shared libraries the device image lacks (fmt, spdlog, utf8proc, gomp), the
+# golden fixtures, the configs and the check script itself. Builds nothing: run
+# `ninja -C build/release qilin_cuda_tests qilin_bench_cuda_decode qilin` first.
+# Usage: tools/device/pack.sh [dest repo root, default /work/main]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DEST="${1:-/work/main}/.dev/gpu"
+B=build/release
+rm -rf "$DEST"
+mkdir -p "$DEST/lib" "$DEST/fixtures"
+cp $B/tests/qilin_cuda_tests $B/qilin_bench_cuda_decode $B/qilin "$DEST/"
+for bin in "$DEST"/qilin "$DEST"/qilin_cuda_tests "$DEST"/qilin_bench_cuda_decode; do
+  ldd "$bin" | awk '/=> \// {print $3}' |
+    grep -E 'libfmt|libspdlog|libutf8proc|libgomp|libgtest|libbenchmark' | xargs -r -I{} cp -L {} "$DEST/lib/"
+done
+cp -r tests/fixtures/golden "$DEST/fixtures/golden"
+cp -r configs "$DEST/configs"
+cp tools/device/run-gpu-checks.sh tools/device/torch_baseline.py "$DEST/" 2>/dev/null || cp tools/device/run-gpu-checks.sh "$DEST/"
+du -sh "$DEST"
