@@ -89,8 +89,8 @@ void ExpectDistribution(const std::vector<float>& logits, const SamplingParams& 
   }
 }
 
-const std::vector<float> kLogits{1.0f, 2.5f, -0.5f, 0.3f, 2.0f, -1.2f, 0.9f, 1.7f, -3.0f, 0.0f,
-                                 1.1f, 2.2f};
+const std::vector<float> kLogits{1.0f, 2.5f, -0.5f, 0.3f, 2.0f, -1.2f,
+                                 0.9f, 1.7f, -3.0f, 0.0f, 1.1f, 2.2f};
 
 TEST(SamplerTest, TemperatureMatchesSoftmax) {
   SamplingParams p;
