@@ -49,7 +49,10 @@ struct ModelConfig {
 
   bool tie_word_embeddings = false;
   bool attention_bias = false;  // bias on q/k/v projections (Qwen2, Qwen v1)
-  bool qk_norm = false;         // RMSNorm over each head of q and k (Qwen3)
+  // Bias on o_proj too: Llama and Qwen3 with attention_bias = true (transformers puts that flag
+  // on all four projections there). False for every published Qwen checkpoint.
+  bool o_bias = false;
+  bool qk_norm = false;  // RMSNorm over each head of q and k (Qwen3)
 
   // Qwen v1 long-context features, as modeling_qwen.py defines them.
   bool use_dynamic_ntk = false;  // NTK-aware rope base, chosen from the prompt length
@@ -62,7 +65,8 @@ struct ModelConfig {
 
   int64_t q_size() const { return num_heads * head_dim; }
   int64_t kv_size() const { return num_kv_heads * head_dim; }
-  // Bytes of weights (embedding, layers, norms, lm_head unless tied) at `bytes_per_weight`.
+  // Number of parameters (embedding, layers with biases and norms, final norm, lm_head unless
+  // tied), as the checkpoint holds them: multiply by the bytes per weight for the weight size.
   int64_t NumParameters() const;
 };
 

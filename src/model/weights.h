@@ -37,6 +37,7 @@ struct LayerWeights {
   TensorView q_bias, k_bias, v_bias;  // [q_size], [kv_size]; empty unless attention_bias
   TensorView q_norm, k_norm;          // [head_dim]; empty unless qk_norm
   TensorView o_proj;                  // [hidden, q_size]
+  TensorView o_bias;                  // [hidden]; empty unless config.o_bias
   TensorView post_attention_norm;     // [hidden]
   TensorView gate_proj, up_proj;      // [intermediate, hidden]; silu(gate) * up
   TensorView down_proj;               // [hidden, intermediate]
@@ -57,8 +58,13 @@ struct ModelWeights {
 Result<ModelWeights> LoadModelWeights(const ModelConfig& config,
                                       const std::filesystem::path& model_dir);
 
-// Random weights for any config (no checkpoint): normal(0, 0.02) for matrices, 1 for norms,
-// small values for biases, in `dtype`. Deterministic in `seed`.
+// Random weights for any config (no checkpoint): normal(0, 0.02) for matrices and biases,
+// 1 + normal(0, 0.1) for norm weights, in `dtype` (BF16, F16 or F32). Deterministic in `seed`;
+// a tied lm_head shares embed_tokens.
 Result<ModelWeights> MakeDummyWeights(const ModelConfig& config, DType dtype, uint64_t seed);
+// The same with matrices and biases ~ N(0, matrix_std) and norm weights ~ 1 + N(0, norm_std)
+// (tests use larger values than 0.02 so that attention is far from uniform).
+Result<ModelWeights> MakeDummyWeights(const ModelConfig& config, DType dtype, uint64_t seed,
+                                      float matrix_std, float norm_std);
 
 }  // namespace qilin

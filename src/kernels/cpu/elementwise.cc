@@ -1,0 +1,81 @@
+#include "kernels/cpu/elementwise.h"
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "kernels/cpu/simd.h"
+
+namespace qilin::cpu {
+namespace {
+
+template <DType D>
+void GatherRow(const void* table, int64_t row, int64_t dim, float* out) {
+  const int64_t base = row * dim;
+  int64_t j = 0;
+  for (; j + 8 <= dim; j += 8) _mm256_storeu_ps(out + j, Load8<D>(table, base + j));
+  for (; j < dim; ++j) out[j] = Load1<D>(table, base + j);
+}
+
+template <DType D>
+void RmsNormImpl(const float* x, int64_t rows, int64_t dim, const void* w, float eps, float* out) {
+#pragma omp parallel for schedule(static) if (rows * dim > 32768)
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xr = x + i * dim;
+    float* yr = out + i * dim;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= dim; j += 8) {
+      __m256 v = _mm256_loadu_ps(xr + j);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = HorizontalSum(acc);
+    for (; j < dim; ++j) ss += xr[j] * xr[j];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
+    const __m256 vinv = _mm256_set1_ps(inv);
+    j = 0;
+    for (; j + 8 <= dim; j += 8) {
+      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xr + j), vinv);
+      _mm256_storeu_ps(yr + j, _mm256_mul_ps(v, Load8<D>(w, j)));
+    }
+    for (; j < dim; ++j) yr[j] = (xr[j] * inv) * Load1<D>(w, j);
+  }
+}
+
+}  // namespace
+
+void EmbeddingGather(WeightRef table, int64_t dim, const int32_t* ids, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!DispatchFloatDType(table.dtype, [&]<DType D>() {
+          GatherRow<D>(table.data, ids[i], dim, out + i * dim);
+        })) {
+      GatherRow<DType::kBF16>(table.data, ids[i], dim, out + i * dim);
+    }
+  }
+}
+
+void RmsNorm(const float* x, int64_t rows, int64_t dim, WeightRef weight, float eps, float* out) {
+  if (!DispatchFloatDType(
+          weight.dtype, [&]<DType D>() { RmsNormImpl<D>(x, rows, dim, weight.data, eps, out); })) {
+    RmsNormImpl<DType::kBF16>(x, rows, dim, weight.data, eps, out);
+  }
+}
+
+void SiluMul(const float* gate, const float* up, int64_t rows, int64_t dim, float* out) {
+  const int64_t n = rows * dim;
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void AddInPlace(float* x, const float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) x[i] += y[i];
+}
+
+}  // namespace qilin::cpu

@@ -1,0 +1,25 @@
+// Small row-wise CPU ops: embedding gather, RMSNorm, SwiGLU, residual add. f32 activations;
+// tables and weights in f32, f16 or bf16.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/cpu/linear.h"
+
+namespace qilin::cpu {
+
+// out[i, :] = table[ids[i], :] as f32; table is [vocab, dim]. Ids must be in range (caller checks).
+void EmbeddingGather(WeightRef table, int64_t dim, const int32_t* ids, int64_t n, float* out);
+
+// out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * weight, per row of `dim`; sums in f32.
+// Also serves Qwen3's per-head q_norm/k_norm (rows = tokens * heads, dim = head_dim).
+// `out` may equal `x`.
+void RmsNorm(const float* x, int64_t rows, int64_t dim, WeightRef weight, float eps, float* out);
+
+// out[i] = silu(gate[i]) * up[i] over rows * dim contiguous values. `out` may equal `gate`.
+void SiluMul(const float* gate, const float* up, int64_t rows, int64_t dim, float* out);
+
+// x[i] += y[i] for i < n.
+void AddInPlace(float* x, const float* y, int64_t n);
+
+}  // namespace qilin::cpu

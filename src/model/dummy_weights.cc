@@ -1,0 +1,166 @@
+// MakeDummyWeights: random weights for any config, for speed tests without a checkpoint.
+// Values come from a counter-based generator (a hash of seed, tensor and element index), so they
+// are the same for any thread count; normals come from a 64K-entry inverse-CDF table.
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "model/weights.h"
+
+namespace qilin {
+namespace {
+
+constexpr int kTableBits = 16;
+constexpr int kTableSize = 1 << kTableBits;
+
+// Quantiles of N(0, 1) at the midpoints (i + 0.5) / 65536, by bisection on the CDF: tails reach
+// +-4.3 sigma, steps near 0 are 4e-5 sigma.
+const std::vector<float>& NormalQuantiles() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(kTableSize);
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < kTableSize; ++i) {
+      const double p = (i + 0.5) / kTableSize;
+      double lo = -10.0, hi = 10.0;
+      for (int it = 0; it < 48; ++it) {
+        const double mid = 0.5 * (lo + hi);
+        if (0.5 * std::erfc(-mid / std::sqrt(2.0)) < p) {
+          lo = mid;
+        } else {
+          hi = mid;
+        }
+      }
+      t[i] = static_cast<float>(0.5 * (lo + hi));
+    }
+    return t;
+  }();
+  return table;
+}
+
+inline uint64_t Mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+struct Builder {
+  DType dtype;
+  uint64_t seed;
+  uint64_t next_id = 0;
+  std::vector<std::shared_ptr<const void>> storage;
+
+  // A tensor of `shape` with values mean + stddev * N(0, 1).
+  TensorView Make(std::string name, std::vector<int64_t> shape, float mean, float stddev) {
+    TensorView t;
+    t.dtype = dtype;
+    t.shape = std::move(shape);
+    t.name = std::move(name);
+    const int64_t n = t.numel();
+    const size_t bytes = static_cast<size_t>(n) * DTypeSize(dtype);
+    std::shared_ptr<uint8_t[]> buf(new uint8_t[bytes > 0 ? bytes : 1]);
+    Fill(buf.get(), n, mean, stddev, next_id++);
+    t.data = buf.get();
+    storage.push_back(std::shared_ptr<const void>(buf, buf.get()));
+    return t;
+  }
+
+  void Fill(uint8_t* out, int64_t n, float mean, float stddev, uint64_t id) const {
+    const float* table = NormalQuantiles().data();
+    const uint64_t key = Mix64(seed ^ 0x9e3779b97f4a7c15ULL) ^ Mix64(id * 0xd1b54a32d192ed03ULL);
+    const int64_t groups = (n + 3) / 4;
+    const DType dt = dtype;
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      uint64_t h = Mix64(key + static_cast<uint64_t>(g));
+      const int64_t end = std::min<int64_t>(4, n - g * 4);
+      for (int64_t j = 0; j < end; ++j, h >>= 16) {
+        const float v = mean + stddev * table[h & (kTableSize - 1)];
+        const int64_t i = g * 4 + j;
+        switch (dt) {
+          case DType::kF32:
+            reinterpret_cast<float*>(out)[i] = v;
+            break;
+          case DType::kF16:
+            reinterpret_cast<uint16_t*>(out)[i] = F32ToF16(v);
+            break;
+          default:
+            reinterpret_cast<uint16_t*>(out)[i] = F32ToBf16(v);
+            break;
+        }
+      }
+    }
+  }
+};
+
+Status CheckDims(const ModelConfig& c) {
+  struct Dim {
+    const char* name;
+    int64_t value;
+  };
+  for (const Dim& d :
+       {Dim{"vocab_size", c.vocab_size}, Dim{"hidden_size", c.hidden_size},
+        Dim{"intermediate_size", c.intermediate_size}, Dim{"num_hidden_layers", c.num_layers},
+        Dim{"num_attention_heads", c.num_heads}, Dim{"num_key_value_heads", c.num_kv_heads},
+        Dim{"head_dim", c.head_dim}}) {
+    if (d.value <= 0)
+      return InvalidArgument("model config: {} = {} must be positive", d.name, d.value);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<ModelWeights> MakeDummyWeights(const ModelConfig& config, DType dtype, uint64_t seed) {
+  return MakeDummyWeights(config, dtype, seed, 0.02f, 0.1f);
+}
+
+Result<ModelWeights> MakeDummyWeights(const ModelConfig& config, DType dtype, uint64_t seed,
+                                      float matrix_std, float norm_std) {
+  if (dtype != DType::kBF16 && dtype != DType::kF16 && dtype != DType::kF32) {
+    return InvalidArgument("dummy weights: dtype {} is not supported (use BF16, F16 or F32)",
+                           DTypeName(dtype));
+  }
+  QILIN_RETURN_IF_ERROR(CheckDims(config));
+  const int64_t h = config.hidden_size, q = config.q_size(), kv = config.kv_size();
+  const int64_t inter = config.intermediate_size;
+  Builder b{dtype, seed, 0, {}};
+  ModelWeights w;
+  w.embed_tokens = b.Make("model.embed_tokens.weight", {config.vocab_size, h}, 0.0f, matrix_std);
+  w.layers.resize(config.num_layers);
+  for (int64_t i = 0; i < config.num_layers; ++i) {
+    LayerWeights& l = w.layers[i];
+    const std::string p = fmt::format("model.layers.{}.", i);
+    l.input_norm = b.Make(p + "input_layernorm.weight", {h}, 1.0f, norm_std);
+    l.q_proj = b.Make(p + "self_attn.q_proj.weight", {q, h}, 0.0f, matrix_std);
+    l.k_proj = b.Make(p + "self_attn.k_proj.weight", {kv, h}, 0.0f, matrix_std);
+    l.v_proj = b.Make(p + "self_attn.v_proj.weight", {kv, h}, 0.0f, matrix_std);
+    if (config.attention_bias) {
+      l.q_bias = b.Make(p + "self_attn.q_proj.bias", {q}, 0.0f, matrix_std);
+      l.k_bias = b.Make(p + "self_attn.k_proj.bias", {kv}, 0.0f, matrix_std);
+      l.v_bias = b.Make(p + "self_attn.v_proj.bias", {kv}, 0.0f, matrix_std);
+    }
+    if (config.qk_norm) {
+      l.q_norm = b.Make(p + "self_attn.q_norm.weight", {config.head_dim}, 1.0f, norm_std);
+      l.k_norm = b.Make(p + "self_attn.k_norm.weight", {config.head_dim}, 1.0f, norm_std);
+    }
+    l.o_proj = b.Make(p + "self_attn.o_proj.weight", {h, q}, 0.0f, matrix_std);
+    if (config.o_bias) l.o_bias = b.Make(p + "self_attn.o_proj.bias", {h}, 0.0f, matrix_std);
+    l.post_attention_norm = b.Make(p + "post_attention_layernorm.weight", {h}, 1.0f, norm_std);
+    l.gate_proj = b.Make(p + "mlp.gate_proj.weight", {inter, h}, 0.0f, matrix_std);
+    l.up_proj = b.Make(p + "mlp.up_proj.weight", {inter, h}, 0.0f, matrix_std);
+    l.down_proj = b.Make(p + "mlp.down_proj.weight", {h, inter}, 0.0f, matrix_std);
+  }
+  w.final_norm = b.Make("model.norm.weight", {h}, 1.0f, norm_std);
+  if (config.tie_word_embeddings) {
+    w.lm_head = w.embed_tokens;
+  } else {
+    w.lm_head = b.Make("lm_head.weight", {config.vocab_size, h}, 0.0f, matrix_std);
+  }
+  w.storage = std::move(b.storage);
+  return w;
+}
+
+}  // namespace qilin

@@ -1,0 +1,429 @@
+#include "runtime/cpu_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <new>
+#include <sstream>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/linear.h"
+
+namespace qilin {
+namespace {
+
+using cpu::WeightRef;
+
+WeightRef Ref(const TensorView& t) { return WeightRef{t.dtype, t.data}; }
+
+Status CheckTensor(const TensorView& t, const std::string& what, std::vector<int64_t> shape) {
+  if (t.empty()) return NotFound("weights: tensor {} is missing", what);
+  if (t.dtype != DType::kBF16 && t.dtype != DType::kF16 && t.dtype != DType::kF32) {
+    return InvalidArgument(
+        "weights: tensor {} ({}) has dtype {}; the CPU backend takes BF16, F16 "
+        "or F32",
+        what, t.name, DTypeName(t.dtype));
+  }
+  if (t.shape != shape) {
+    return InvalidArgument("weights: tensor {} ({}) has shape [{}], expected [{}]", what, t.name,
+                           fmt::join(t.shape, ", "), fmt::join(shape, ", "));
+  }
+  return Status::Ok();
+}
+
+Status CheckConfig(const ModelConfig& c) {
+  struct Dim {
+    const char* name;
+    int64_t value;
+  };
+  for (const Dim& d :
+       {Dim{"vocab_size", c.vocab_size}, Dim{"hidden_size", c.hidden_size},
+        Dim{"intermediate_size", c.intermediate_size}, Dim{"num_hidden_layers", c.num_layers},
+        Dim{"num_attention_heads", c.num_heads}, Dim{"num_key_value_heads", c.num_kv_heads},
+        Dim{"head_dim", c.head_dim}}) {
+    if (d.value <= 0) {
+      return InvalidArgument("model config: {} = {} must be positive", d.name, d.value);
+    }
+  }
+  if (c.num_heads % c.num_kv_heads != 0) {
+    return InvalidArgument(
+        "model config: num_attention_heads = {} is not a multiple of num_key_value_heads = {}",
+        c.num_heads, c.num_kv_heads);
+  }
+  if (c.head_dim % 2 != 0 || c.head_dim < 4) {
+    return InvalidArgument("model config: head_dim = {} must be even and at least 4 for rope",
+                           c.head_dim);
+  }
+  if (c.vocab_size > INT32_MAX) {
+    return InvalidArgument("model config: vocab_size = {} exceeds {}", c.vocab_size, INT32_MAX);
+  }
+  return Status::Ok();
+}
+
+// Bytes of MemAvailable in /proc/meminfo, or an error.
+Result<int64_t> MemAvailableBytes() {
+  std::ifstream f("/proc/meminfo");
+  if (!f) return Unavailable("cannot read /proc/meminfo to size the KV cache");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("MemAvailable:", 0) == 0) {
+      std::istringstream is(line.substr(13));
+      int64_t kb = 0;
+      is >> kb;
+      return kb * 1024;
+    }
+  }
+  return Unavailable("/proc/meminfo has no MemAvailable line");
+}
+
+}  // namespace
+
+CpuBackend::CpuBackend(const ModelConfig& config, ModelWeights weights)
+    : config_(config), weights_(std::move(weights)) {
+  base_freqs_ = cpu::ComputeRopeFreqs(config_, 0, 1.0);
+}
+
+Result<std::unique_ptr<CpuBackend>> CpuBackend::Create(const ModelConfig& config,
+                                                       ModelWeights weights) {
+  QILIN_RETURN_IF_ERROR(CheckConfig(config));
+  const int64_t h = config.hidden_size, q = config.q_size(), kv = config.kv_size();
+  const int64_t inter = config.intermediate_size, d = config.head_dim;
+  QILIN_RETURN_IF_ERROR(CheckTensor(weights.embed_tokens, "embed_tokens", {config.vocab_size, h}));
+  QILIN_RETURN_IF_ERROR(CheckTensor(weights.final_norm, "final_norm", {h}));
+  QILIN_RETURN_IF_ERROR(CheckTensor(weights.lm_head, "lm_head", {config.vocab_size, h}));
+  if (static_cast<int64_t>(weights.layers.size()) != config.num_layers) {
+    return InvalidArgument("weights: {} layers, but num_hidden_layers = {}", weights.layers.size(),
+                           config.num_layers);
+  }
+  for (int64_t i = 0; i < config.num_layers; ++i) {
+    const LayerWeights& l = weights.layers[i];
+    auto check = [&](const TensorView& t, const char* name, std::vector<int64_t> shape) {
+      return CheckTensor(t, fmt::format("layers.{}.{}", i, name), std::move(shape));
+    };
+    QILIN_RETURN_IF_ERROR(check(l.input_norm, "input_norm", {h}));
+    QILIN_RETURN_IF_ERROR(check(l.q_proj, "q_proj", {q, h}));
+    QILIN_RETURN_IF_ERROR(check(l.k_proj, "k_proj", {kv, h}));
+    QILIN_RETURN_IF_ERROR(check(l.v_proj, "v_proj", {kv, h}));
+    if (config.attention_bias) {
+      QILIN_RETURN_IF_ERROR(check(l.q_bias, "q_bias", {q}));
+      QILIN_RETURN_IF_ERROR(check(l.k_bias, "k_bias", {kv}));
+      QILIN_RETURN_IF_ERROR(check(l.v_bias, "v_bias", {kv}));
+    }
+    if (config.qk_norm) {
+      QILIN_RETURN_IF_ERROR(check(l.q_norm, "q_norm", {d}));
+      QILIN_RETURN_IF_ERROR(check(l.k_norm, "k_norm", {d}));
+    }
+    QILIN_RETURN_IF_ERROR(check(l.o_proj, "o_proj", {h, q}));
+    if (config.o_bias) QILIN_RETURN_IF_ERROR(check(l.o_bias, "o_bias", {h}));
+    QILIN_RETURN_IF_ERROR(check(l.post_attention_norm, "post_attention_norm", {h}));
+    QILIN_RETURN_IF_ERROR(check(l.gate_proj, "gate_proj", {inter, h}));
+    QILIN_RETURN_IF_ERROR(check(l.up_proj, "up_proj", {inter, h}));
+    QILIN_RETURN_IF_ERROR(check(l.down_proj, "down_proj", {h, inter}));
+  }
+  return std::unique_ptr<CpuBackend>(new CpuBackend(config, std::move(weights)));
+}
+
+int64_t CpuBackend::KvBytesPerToken() const {
+  return config_.num_layers * 2 * config_.kv_size() * static_cast<int64_t>(sizeof(float));
+}
+
+Result<int32_t> CpuBackend::ProposeNumKvBlocks(int32_t block_size, double memory_fraction,
+                                               int32_t max_num_tokens) const {
+  if (block_size <= 0) return InvalidArgument("block_size = {} must be positive", block_size);
+  if (!(memory_fraction > 0.0 && memory_fraction <= 1.0)) {
+    return InvalidArgument("memory fraction = {} must be in (0, 1]", memory_fraction);
+  }
+  if (max_num_tokens <= 0) {
+    return InvalidArgument("max_num_tokens = {} must be positive", max_num_tokens);
+  }
+  QILIN_ASSIGN_OR_RETURN(int64_t avail, MemAvailableBytes());
+  const ModelConfig& c = config_;
+  // Activations of one step: x, h, q, k, v, attn, gate, up per token, plus logits for every row.
+  const int64_t per_token =
+      3 * c.hidden_size + 2 * c.q_size() + 2 * c.kv_size() + 2 * c.intermediate_size + c.vocab_size;
+  const int64_t activations = static_cast<int64_t>(max_num_tokens) * per_token * 4;
+  const double budget = static_cast<double>(avail) * memory_fraction - activations;
+  const double block_bytes = static_cast<double>(KvBytesPerToken()) * block_size;
+  const double blocks = std::floor(budget / block_bytes);
+  if (blocks < 1) {
+    return ResourceExhausted(
+        "KV cache: {} of {:.2f} GiB available host memory leaves no room for one block of {} "
+        "tokens ({:.1f} MiB) after {:.2f} GiB of activations",
+        memory_fraction, avail / 1073741824.0, block_size, block_bytes / 1048576.0,
+        activations / 1073741824.0);
+  }
+  return static_cast<int32_t>(std::min<double>(blocks, INT32_MAX));
+}
+
+Status CpuBackend::AllocateKvCache(const KvCacheLayout& layout) {
+  if (layout.block_size <= 0 || layout.num_blocks <= 0) {
+    return InvalidArgument("KV cache layout: num_blocks = {} and block_size = {} must be positive",
+                           layout.num_blocks, layout.block_size);
+  }
+  const int64_t slots = static_cast<int64_t>(layout.num_blocks) * layout.block_size;
+  const double bytes = static_cast<double>(slots) * KvBytesPerToken();
+  k_cache_.clear();
+  v_cache_.clear();
+  layout_ = KvCacheLayout{0, layout.block_size};
+  num_slots_ = 0;
+  try {
+    k_cache_.resize(config_.num_layers);
+    v_cache_.resize(config_.num_layers);
+    for (int64_t l = 0; l < config_.num_layers; ++l) {
+      k_cache_[l].assign(slots * config_.kv_size(), 0.0f);
+      v_cache_[l].assign(slots * config_.kv_size(), 0.0f);
+    }
+  } catch (const std::bad_alloc&) {
+    k_cache_.clear();
+    v_cache_.clear();
+    return ResourceExhausted("KV cache: cannot allocate {} blocks of {} tokens ({:.2f} GiB)",
+                             layout.num_blocks, layout.block_size, bytes / 1073741824.0);
+  }
+  layout_ = layout;
+  num_slots_ = slots;
+  return Status::Ok();
+}
+
+Status CpuBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
+  for (const auto& [src, dst] : src_dst) {
+    for (int32_t b : {src, dst}) {
+      if (b < 0 || b >= layout_.num_blocks) {
+        return InvalidArgument("CopyKvBlocks: block {} is outside the pool of {} blocks", b,
+                               layout_.num_blocks);
+      }
+    }
+  }
+  const int64_t block_floats = static_cast<int64_t>(layout_.block_size) * config_.kv_size();
+  for (const auto& [src, dst] : src_dst) {
+    if (src == dst) continue;
+    for (int64_t l = 0; l < config_.num_layers; ++l) {
+      for (auto* cache : {&k_cache_[l], &v_cache_[l]}) {
+        std::copy_n(cache->data() + src * block_floats, block_floats,
+                    cache->data() + dst * block_floats);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+Status CpuBackend::ValidateBatch(const ForwardBatch& b) const {
+  if (num_slots_ == 0) return FailedPrecondition("Forward: the KV cache is not allocated");
+  const int64_t n = b.num_tokens();
+  if (n == 0) return InvalidArgument("batch: token_ids is empty");
+  if (static_cast<int64_t>(b.positions.size()) != n) {
+    return InvalidArgument("batch: positions has {} entries, token_ids has {}", b.positions.size(),
+                           n);
+  }
+  if (static_cast<int64_t>(b.slot_mapping.size()) != n) {
+    return InvalidArgument("batch: slot_mapping has {} entries, token_ids has {}",
+                           b.slot_mapping.size(), n);
+  }
+  if (b.query_start.size() < 2) {
+    return InvalidArgument("batch: query_start has {} entries; need num_seqs + 1 >= 2",
+                           b.query_start.size());
+  }
+  const int32_t seqs = b.num_seqs();
+  if (b.query_start[0] != 0) {
+    return InvalidArgument("batch: query_start[0] = {}, expected 0", b.query_start[0]);
+  }
+  if (b.query_start[seqs] != n) {
+    return InvalidArgument("batch: query_start[{}] = {}, expected num_tokens = {}", seqs,
+                           b.query_start[seqs], n);
+  }
+  if (static_cast<int32_t>(b.context_lens.size()) != seqs) {
+    return InvalidArgument("batch: context_lens has {} entries for {} sequences",
+                           b.context_lens.size(), seqs);
+  }
+  if (static_cast<int32_t>(b.prompt_lens.size()) != seqs) {
+    return InvalidArgument("batch: prompt_lens has {} entries for {} sequences",
+                           b.prompt_lens.size(), seqs);
+  }
+  if (b.max_blocks_per_seq <= 0) {
+    return InvalidArgument("batch: max_blocks_per_seq = {} must be positive", b.max_blocks_per_seq);
+  }
+  if (static_cast<int64_t>(b.block_tables.size()) !=
+      static_cast<int64_t>(seqs) * b.max_blocks_per_seq) {
+    return InvalidArgument("batch: block_tables has {} entries, expected {} sequences x {} = {}",
+                           b.block_tables.size(), seqs, b.max_blocks_per_seq,
+                           static_cast<int64_t>(seqs) * b.max_blocks_per_seq);
+  }
+  const int64_t bs = layout_.block_size;
+  for (int32_t s = 0; s < seqs; ++s) {
+    const int32_t q0 = b.query_start[s], q1 = b.query_start[s + 1];
+    if (q1 <= q0 || q1 > n) {
+      return InvalidArgument(
+          "batch: sequence {} has query_start {} .. {}; each sequence needs "
+          "at least one new token within the {} tokens",
+          s, q0, q1, n);
+    }
+    const int64_t ctx = b.context_lens[s], qlen = q1 - q0;
+    if (ctx < qlen) {
+      return InvalidArgument("batch: context_lens[{}] = {} is less than its {} new tokens", s, ctx,
+                             qlen);
+    }
+    if (ctx > static_cast<int64_t>(b.max_blocks_per_seq) * bs) {
+      return InvalidArgument(
+          "batch: context_lens[{}] = {} exceeds max_blocks_per_seq {} x block_size {}", s, ctx,
+          b.max_blocks_per_seq, bs);
+    }
+    if (b.prompt_lens[s] <= 0) {
+      return InvalidArgument("batch: prompt_lens[{}] = {} must be positive", s, b.prompt_lens[s]);
+    }
+    const int32_t* table = b.block_tables.data() + static_cast<int64_t>(s) * b.max_blocks_per_seq;
+    const int64_t used_blocks = (ctx + bs - 1) / bs;
+    for (int64_t j = 0; j < used_blocks; ++j) {
+      if (table[j] < 0 || table[j] >= layout_.num_blocks) {
+        return InvalidArgument("batch: block_tables[{}][{}] = {} is outside the pool of {} blocks",
+                               s, j, table[j], layout_.num_blocks);
+      }
+    }
+    for (int32_t t = q0; t < q1; ++t) {
+      const int64_t want_pos = ctx - qlen + (t - q0);
+      if (b.positions[t] != want_pos) {
+        return InvalidArgument(
+            "batch: positions[{}] = {}, expected {} (context_lens[{}] = {} with {} new tokens)", t,
+            b.positions[t], want_pos, s, ctx, qlen);
+      }
+      const int64_t want_slot = static_cast<int64_t>(table[want_pos / bs]) * bs + want_pos % bs;
+      if (b.slot_mapping[t] != want_slot) {
+        return InvalidArgument(
+            "batch: slot_mapping[{}] = {} (pool has {} slots), but the block table puts position "
+            "{} at slot {}",
+            t, b.slot_mapping[t], num_slots_, want_pos, want_slot);
+      }
+    }
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    if (b.token_ids[t] < 0 || b.token_ids[t] >= config_.vocab_size) {
+      return InvalidArgument("batch: token_ids[{}] = {} is outside the vocabulary [0, {})", t,
+                             b.token_ids[t], config_.vocab_size);
+    }
+  }
+  for (size_t i = 0; i < b.logits_indices.size(); ++i) {
+    if (b.logits_indices[i] < 0 || b.logits_indices[i] >= n) {
+      return InvalidArgument("batch: logits_indices[{}] = {} is outside the {} tokens", i,
+                             b.logits_indices[i], n);
+    }
+  }
+  return Status::Ok();
+}
+
+void CpuBackend::ComputeRope(const ForwardBatch& b) {
+  const int64_t half = config_.head_dim / 2;
+  const int64_t n = b.num_tokens();
+  rope_cos_.resize(n * half);
+  rope_sin_.resize(n * half);
+  const bool qwen_ntk = config_.use_dynamic_ntk;
+  const bool dynamic = cpu::RopeDependsOnSeqLen(config_);
+  const int64_t dyn_max = config_.rope_scaling.original_max_position_embeddings > 0
+                              ? config_.rope_scaling.original_max_position_embeddings
+                              : config_.max_position_embeddings;
+  std::map<double, cpu::RopeFreqs> by_alpha;
+  for (int32_t s = 0; s < b.num_seqs(); ++s) {
+    const cpu::RopeFreqs* seq_freqs = &base_freqs_;
+    if (qwen_ntk) {
+      const double alpha = QwenV1NtkAlpha(config_, b.prompt_lens[s]);
+      if (alpha != 1.0) {
+        auto it = by_alpha.find(alpha);
+        if (it == by_alpha.end())
+          it = by_alpha.emplace(alpha, cpu::ComputeRopeFreqs(config_, 0, alpha)).first;
+        seq_freqs = &it->second;
+      }
+    }
+    for (int32_t t = b.query_start[s]; t < b.query_start[s + 1]; ++t) {
+      const int64_t seq_len = std::max<int64_t>(b.prompt_lens[s], b.positions[t] + 1);
+      if (dynamic && seq_len > dyn_max) {
+        cpu::RopeFreqs f = cpu::ComputeRopeFreqs(config_, seq_len, 1.0);
+        cpu::RopeCosSin(f, b.positions[t], &rope_cos_[t * half], &rope_sin_[t * half]);
+      } else {
+        cpu::RopeCosSin(*seq_freqs, b.positions[t], &rope_cos_[t * half], &rope_sin_[t * half]);
+      }
+    }
+  }
+}
+
+Status CpuBackend::Forward(const ForwardBatch& batch, std::vector<float>* logits) {
+  QILIN_RETURN_IF_ERROR(ValidateBatch(batch));
+  const ModelConfig& c = config_;
+  const int64_t n = batch.num_tokens();
+  const int64_t hid = c.hidden_size, qs = c.q_size(), kvs = c.kv_size(), hd = c.head_dim;
+  const int64_t inter = c.intermediate_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  x_.resize(n * hid);
+  h_.resize(n * hid);
+  q_.resize(n * qs);
+  k_.resize(n * kvs);
+  v_.resize(n * kvs);
+  attn_.resize(n * qs);
+  gate_.resize(n * inter);
+  up_.resize(n * inter);
+
+  ComputeRope(batch);
+  const int64_t half = hd / 2;
+  std::vector<float> logn;
+  if (c.use_logn_attn) {
+    logn.resize(n);
+    for (int64_t t = 0; t < n; ++t)
+      logn[t] = static_cast<float>(QwenV1LognScale(c, batch.positions[t]));
+  }
+  cpu::PagedAttentionBatch pab;
+  pab.num_seqs = batch.num_seqs();
+  pab.query_start = batch.query_start.data();
+  pab.positions = batch.positions.data();
+  pab.block_tables = batch.block_tables.data();
+  pab.max_blocks_per_seq = batch.max_blocks_per_seq;
+  pab.block_size = layout_.block_size;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+  cpu::EmbeddingGather(Ref(weights_.embed_tokens), hid, batch.token_ids.data(), n, x_.data());
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& w = weights_.layers[l];
+    cpu::RmsNorm(x_.data(), n, hid, Ref(w.input_norm), eps, h_.data());
+    cpu::Linear(h_.data(), n, hid, Ref(w.q_proj), qs, Ref(w.q_bias), q_.data());
+    cpu::Linear(h_.data(), n, hid, Ref(w.k_proj), kvs, Ref(w.k_bias), k_.data());
+    cpu::Linear(h_.data(), n, hid, Ref(w.v_proj), kvs, Ref(w.v_bias), v_.data());
+    if (c.qk_norm) {
+      cpu::RmsNorm(q_.data(), n * c.num_heads, hd, Ref(w.q_norm), eps, q_.data());
+      cpu::RmsNorm(k_.data(), n * c.num_kv_heads, hd, Ref(w.k_norm), eps, k_.data());
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const float* cs = &rope_cos_[t * half];
+      const float* sn = &rope_sin_[t * half];
+      cpu::ApplyRope(&q_[t * qs], c.num_heads, hd, cs, sn);
+      cpu::ApplyRope(&k_[t * kvs], c.num_kv_heads, hd, cs, sn);
+      if (!logn.empty() && logn[t] != 1.0f) {
+        for (int64_t i = 0; i < qs; ++i) q_[t * qs + i] *= logn[t];
+      }
+    }
+    cpu::WriteKvCache(k_.data(), v_.data(), n, kvs, batch.slot_mapping.data(), k_cache_[l].data(),
+                      v_cache_[l].data());
+    cpu::PagedAttention(q_.data(), k_cache_[l].data(), v_cache_[l].data(), pab, c.num_heads,
+                        c.num_kv_heads, hd, scale, attn_.data());
+    cpu::Linear(attn_.data(), n, qs, Ref(w.o_proj), hid, Ref(w.o_bias), h_.data());
+    cpu::AddInPlace(x_.data(), h_.data(), n * hid);
+    cpu::RmsNorm(x_.data(), n, hid, Ref(w.post_attention_norm), eps, h_.data());
+    cpu::Linear(h_.data(), n, hid, Ref(w.gate_proj), inter, {}, gate_.data());
+    cpu::Linear(h_.data(), n, hid, Ref(w.up_proj), inter, {}, up_.data());
+    cpu::SiluMul(gate_.data(), up_.data(), n, inter, gate_.data());
+    cpu::Linear(gate_.data(), n, inter, Ref(w.down_proj), hid, {}, h_.data());
+    cpu::AddInPlace(x_.data(), h_.data(), n * hid);
+  }
+
+  // Final norm and lm_head on the sampled rows only.
+  const int64_t m = static_cast<int64_t>(batch.logits_indices.size());
+  rows_.resize(m * hid);
+  for (int64_t i = 0; i < m; ++i) {
+    std::copy_n(&x_[static_cast<int64_t>(batch.logits_indices[i]) * hid], hid, &rows_[i * hid]);
+  }
+  cpu::RmsNorm(rows_.data(), m, hid, Ref(weights_.final_norm), eps, rows_.data());
+  logits->resize(m * c.vocab_size);
+  cpu::Linear(rows_.data(), m, hid, Ref(weights_.lm_head), c.vocab_size, {}, logits->data());
+  return Status::Ok();
+}
+
+}  // namespace qilin

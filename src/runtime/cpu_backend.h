@@ -1,0 +1,53 @@
+// The CPU backend: the reference implementation of Backend. fp32 activations and KV cache,
+// bf16/f16/f32 weights, OpenMP + AVX2 kernels from kernels/cpu.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kernels/cpu/rope.h"
+#include "model/config.h"
+#include "model/weights.h"
+#include "runtime/backend.h"
+
+namespace qilin {
+
+class CpuBackend : public Backend {
+ public:
+  // Checks that `weights` match `config` (presence, dtype, shape) and that the config is one the
+  // CPU kernels support.
+  static Result<std::unique_ptr<CpuBackend>> Create(const ModelConfig& config,
+                                                    ModelWeights weights);
+
+  std::string name() const override { return "cpu"; }
+  const ModelConfig& config() const override { return config_; }
+  int64_t KvBytesPerToken() const override;
+  Result<int32_t> ProposeNumKvBlocks(int32_t block_size, double memory_fraction,
+                                     int32_t max_num_tokens) const override;
+  Status AllocateKvCache(const KvCacheLayout& layout) override;
+  const KvCacheLayout& kv_layout() const override { return layout_; }
+  Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
+  Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) override;
+
+  // Checks a batch against the model and the KV pool; InvalidArgument names the field and value.
+  Status ValidateBatch(const ForwardBatch& batch) const;
+
+ private:
+  CpuBackend(const ModelConfig& config, ModelWeights weights);
+  // cos/sin [num_tokens, head_dim / 2] for the batch's positions.
+  void ComputeRope(const ForwardBatch& batch);
+
+  ModelConfig config_;
+  ModelWeights weights_;
+  KvCacheLayout layout_;
+  int64_t num_slots_ = 0;
+  std::vector<std::vector<float>> k_cache_, v_cache_;  // per layer [slots, kv_size]
+  cpu::RopeFreqs base_freqs_;  // frequencies when they do not depend on the sequence
+
+  // Activations, reused across steps.
+  std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_, rope_cos_, rope_sin_, rows_;
+};
+
+}  // namespace qilin
