@@ -7,6 +7,7 @@
 #include <random>
 #include <thread>
 
+#include "engine/tokenizer_detokenizer.h"
 #include "engine_test_util.h"
 #include "fake_backend.h"
 
@@ -747,6 +748,58 @@ TEST(EngineTest, StopAbortsEverythingInFlight) {
     EXPECT_EQ(c.reasons[0], FinishReason::kAbort);
     EXPECT_TRUE(s->closed());
   }
+}
+
+}  // namespace
+}  // namespace qilin::test
+
+namespace qilin::test {
+namespace {
+
+// The real Qwen tokenizer's streaming decoder through the engine: deltas concatenate to the
+// tokenizer's own Decode, and a stop string spanning tokens cuts the text right before it.
+TEST(EngineTokenizerTest, TextDeltasAndStopStringsWithTheQwenTokenizer) {
+  auto tok =
+      tokenizer::Tokenizer::Load(std::string(QILIN_SOURCE_DIR) + "/../shared/data/tokenizer");
+  if (!tok.ok()) GTEST_SKIP() << "no tokenizer data: " << tok.status().ToString();
+  auto text_ids = (*tok)->Encode("Hello, 世界! The quick brown fox jumps over the lazy dog.");
+  ASSERT_TRUE(text_ids.ok());
+  // Vocab of the tokenizer's ordinary tokens; bad words keep specials out.
+  const int32_t vocab = 151643;
+  FakeBackend backend(vocab, 256);
+  EngineConfig cfg;
+  cfg.block_size = 8;
+  cfg.kv_cache_tokens = 8 * 40;
+  auto engine = Engine::Create(backend, cfg);
+  ASSERT_TRUE(engine.ok());
+  Engine& e = **engine;
+  e.SetDetokenizerFactory(MakeTokenizerDetokenizerFactory(*tok));
+  Request r;
+  r.prompt = *text_ids;
+  r.sampling.temperature = 0.0f;
+  r.sampling.max_tokens = 12;
+  r.sampling.stop = {"\x01never"};
+  auto s = e.Submit(r);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  ASSERT_TRUE(e.RunUntilIdle().ok());
+  Collected c;
+  Drain(**s, &c);
+  auto full = (*tok)->Decode(c.tokens[0]);
+  ASSERT_TRUE(full.ok());
+  EXPECT_EQ(c.text[0], *full);
+  ASSERT_GE(full->size(), 8u);
+  // Stop at a string made of the end of token 3's text and the start of token 4's.
+  auto upto3 = (*tok)->Decode(std::span<const int32_t>(c.tokens[0].data(), 4));
+  ASSERT_TRUE(upto3.ok());
+  const size_t cut = upto3->size() - 1;
+  std::string stop = full->substr(cut, 3);
+  r.sampling.stop = {stop};
+  s = e.Submit(r);
+  ASSERT_TRUE(e.RunUntilIdle().ok());
+  Collected c2;
+  Drain(**s, &c2);
+  EXPECT_EQ(c2.text[0], full->substr(0, full->find(stop)));
+  EXPECT_EQ(c2.reasons[0], FinishReason::kStop);
 }
 
 }  // namespace
