@@ -57,6 +57,12 @@ struct EngineStats {
   int64_t steps = 0;
   int64_t preemptions = 0;
   int64_t requests_finished = 0;
+  // Host time spent per phase over all steps (nanoseconds): scheduling + batch building, the
+  // backend (copies + forward), sampling, and stop checks + responses.
+  int64_t schedule_ns = 0;
+  int64_t forward_ns = 0;
+  int64_t sample_ns = 0;
+  int64_t output_ns = 0;
   double prefix_cache_hit_rate() const {
     return prefix_cache_queries ? static_cast<double>(prefix_cache_hits) / prefix_cache_queries
                                 : 0.0;
@@ -130,6 +136,7 @@ class Engine {
   std::vector<SequenceGroup*> finished_groups_;
   uint64_t arrival_counter_ = 0;
   int64_t prefill_tokens_ = 0, generated_tokens_ = 0, requests_finished_ = 0;
+  int64_t schedule_ns_ = 0, forward_ns_ = 0, sample_ns_ = 0, output_ns_ = 0;
 
   // The queue between client threads and the loop.
   struct InboxItem {

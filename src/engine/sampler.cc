@@ -1,5 +1,7 @@
 #include "engine/sampler.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -18,7 +20,37 @@ uint64_t Mix64(uint64_t x) {
 }
 
 // Index of the largest value, lowest index on ties; NaN never wins. -1 when all are -inf/NaN.
+// Reads the row twice at most (a vector max, then the first index holding it): memory bound.
 int32_t ArgMax(const float* x, int32_t n) {
+#ifdef __AVX2__
+  if (n >= 64) {
+    __m256 m0 = _mm256_set1_ps(kNegInf), m1 = m0;
+    int32_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      // MAXPS returns its second operand when either is NaN: NaN never enters the maximum.
+      m0 = _mm256_max_ps(_mm256_loadu_ps(x + i), m0);
+      m1 = _mm256_max_ps(_mm256_loadu_ps(x + i + 8), m1);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_max_ps(m0, m1));
+    float m = kNegInf;
+    for (float v : lanes) m = std::max(m, v);
+    for (; i < n; ++i) {
+      if (x[i] > m) m = x[i];
+    }
+    if (m == kNegInf) return -1;
+    const __m256 target = _mm256_set1_ps(m);
+    int32_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), target, _CMP_EQ_OQ));
+      if (mask) return j + __builtin_ctz(static_cast<unsigned>(mask));
+    }
+    for (; j < n; ++j) {
+      if (x[j] == m) return j;
+    }
+    return -1;
+  }
+#endif
   int32_t best = -1;
   float best_v = kNegInf;
   for (int32_t i = 0; i < n; ++i) {
