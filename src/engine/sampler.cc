@@ -42,7 +42,8 @@ int32_t ArgMax(const float* x, int32_t n) {
     const __m256 target = _mm256_set1_ps(m);
     int32_t j = 0;
     for (; j + 8 <= n; j += 8) {
-      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), target, _CMP_EQ_OQ));
+      const int mask =
+          _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), target, _CMP_EQ_OQ));
       if (mask) return j + __builtin_ctz(static_cast<unsigned>(mask));
     }
     for (; j < n; ++j) {
@@ -173,6 +174,91 @@ SampleResult Sampler::Sample(float* logits, const SampleContext& ctx) {
   return r;
 }
 
+// Top-p over the whole vocabulary without sorting it: tokens are bucketed by their distance from
+// the best logit (the buckets are in probability order), bucket masses locate the nucleus edge
+// and the sample, and only the (few) buckets holding those are sorted. The result equals a walk
+// over the fully sorted distribution.
+int32_t Sampler::SampleNucleus(const float* logits, double m, double inv_t, double total, double u,
+                               const SamplingParams& p) {
+  // Buckets over 64 nats below the best logit (p below e^-64 share the last one); about 16
+  // tokens per bucket on average, at most 4096 buckets.
+  const int kBins = std::clamp(vocab_ / 16, 64, 4096);
+  const double kScale = kBins / 64.0;
+  bin_start_.assign(kBins + 1, 0);
+  bin_mass_.assign(kBins, 0.0);
+  bin_sorted_.assign(kBins, 0);
+  bin_of_.resize(vocab_);
+  int32_t num_minp = 0;
+  for (int32_t i = 0; i < vocab_; ++i) {
+    if (probs_[i] <= 0.0f) {
+      bin_of_[i] = -1;
+      continue;
+    }
+    const int b = static_cast<int>(std::min<double>(kBins - 1, (m - logits[i]) * inv_t * kScale));
+    bin_of_[i] = b;
+    ++bin_start_[b + 1];
+    bin_mass_[b] += probs_[i];
+    num_minp += probs_[i] >= p.min_p;
+  }
+  for (int b = 0; b < kBins; ++b) bin_start_[b + 1] += bin_start_[b];
+  order_.resize(bin_start_[kBins]);
+  {
+    std::vector<int32_t>& fill = idx_;  // next free slot per bin
+    fill.assign(bin_start_.begin(), bin_start_.end() - 1);
+    for (int32_t i = 0; i < vocab_; ++i) {
+      if (bin_of_[i] >= 0) order_[fill[bin_of_[i]]++] = i;
+    }
+  }
+  auto sort_bin = [&](int b) {
+    if (bin_sorted_[b]) return;
+    std::sort(order_.begin() + bin_start_[b], order_.begin() + bin_start_[b + 1],
+              [&](int32_t x, int32_t y) {
+                return logits[x] > logits[y] || (logits[x] == logits[y] && x < y);
+              });
+    bin_sorted_[b] = 1;
+  };
+  // Walks the sorted order: the first position where the running mass passes `target` (strictly
+  // when `strict`), never past `limit`. Returns that position; *mass gets the mass up to it.
+  auto walk = [&](double target, bool strict, int32_t limit, double* mass) -> int32_t {
+    double acc = 0.0;
+    int32_t pos = 0;
+    for (int b = 0; b < kBins && pos < limit; ++b) {
+      const int32_t n = bin_start_[b + 1] - bin_start_[b];
+      if (n == 0) continue;
+      const bool passes = strict ? acc + bin_mass_[b] > target : acc + bin_mass_[b] >= target;
+      if (pos + n < limit && !passes) {
+        acc += bin_mass_[b];
+        pos += n;
+        continue;
+      }
+      sort_bin(b);
+      for (int32_t k = bin_start_[b]; k < bin_start_[b + 1] && pos < limit; ++k, ++pos) {
+        acc += probs_[order_[k]];
+        if (strict ? acc > target : acc >= target) {
+          *mass = acc;
+          return pos;
+        }
+      }
+    }
+    *mass = acc;
+    return std::max(0, pos - 1);
+  };
+  const int32_t count = bin_start_[kBins];
+  if (count == 0) return -1;
+  double mass = 0.0;
+  // Nucleus: the shortest sorted prefix reaching top_p; min_p keeps a prefix too.
+  int32_t keep = walk(p.top_p * total, /*strict=*/false, count, &mass) + 1;
+  if (p.min_p > 0.0f) keep = std::max(1, std::min(keep, num_minp));
+  walk(std::numeric_limits<double>::infinity(), true, keep, &mass);  // mass of the kept prefix
+  double unused;
+  const int32_t pos = walk(u * mass, /*strict=*/true, keep, &unused);
+  // Position -> token: the bins before it are counted, its own bin is sorted by now.
+  int b = 0;
+  while (bin_start_[b + 1] <= pos) ++b;
+  sort_bin(b);
+  return order_[pos];
+}
+
 int32_t Sampler::SampleFiltered(float* logits, const SampleContext& ctx, uint64_t counter) {
   const SamplingParams& p = *ctx.params;
   const double inv_t = 1.0 / p.temperature;
@@ -213,22 +299,7 @@ int32_t Sampler::SampleFiltered(float* logits, const SampleContext& ctx, uint64_
       total += pr;
     }
     if (p.top_p < 1.0f) {
-      // The nucleus is a prefix of the sorted distribution: gather tokens above a threshold,
-      // lowering it until their mass reaches top_p (then every nucleus token is among them).
-      for (double t = 1e-3;; t *= 1e-4) {
-        cand_.clear();
-        double mass = 0.0;
-        const bool last = t < 1e-40;
-        for (int32_t i = 0; i < vocab_; ++i) {
-          if (probs_[i] > 0.0f && (last || probs_[i] >= t)) {
-            cand_.emplace_back(probs_[i], i);
-            mass += probs_[i];
-          }
-        }
-        if (last || mass >= p.top_p * total) break;
-      }
-      std::sort(cand_.begin(), cand_.end(), better);
-      sorted = true;
+      return SampleNucleus(logits, m, inv_t, total, u, p);
     } else if (p.min_p > 0.0f) {
       for (int32_t i = 0; i < vocab_; ++i) {
         if (probs_[i] > 0.0f) cand_.emplace_back(probs_[i], i);
