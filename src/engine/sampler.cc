@@ -75,6 +75,58 @@ double LogSumExp(const float* x, int32_t n) {
   return m + std::log(s);
 }
 
+#ifdef __AVX2__
+// exp(x) for 8 floats, x <= 0 (Cephes' expf: range reduction by ln 2, degree-5 polynomial;
+// relative error about 2 ulp). Below -87.3 the result is flushed to 0.
+inline __m256 Exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(under, y);
+}
+#endif
+
+// out[i] = exp((x[i] - m) * inv_t) (0 for -inf and NaN); returns the sum in double.
+double ExpShifted(const float* x, int32_t n, float m, float inv_t, float* out) {
+  int32_t i = 0;
+  double total = 0.0;
+#ifdef __AVX2__
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  const __m256 vm = _mm256_set1_ps(m), vt = _mm256_set1_ps(inv_t);
+  const __m256 ninf = _mm256_set1_ps(kNegInf);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 valid = _mm256_cmp_ps(v, ninf, _CMP_GT_OQ);  // false for -inf and NaN
+    const __m256 e = _mm256_and_ps(Exp8(_mm256_mul_ps(_mm256_sub_ps(v, vm), vt)), valid);
+    _mm256_storeu_ps(out + i, e);
+    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
+  total = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+#endif
+  for (; i < n; ++i) {
+    out[i] = x[i] > kNegInf ? std::exp((x[i] - m) * inv_t) : 0.0f;
+    total += out[i];
+  }
+  return total;
+}
+
 }  // namespace
 
 double UniformAt(uint64_t seed, uint64_t stream, uint64_t counter) {
@@ -292,12 +344,8 @@ int32_t Sampler::SampleFiltered(float* logits, const SampleContext& ctx, uint64_
     sorted = true;
   } else {
     probs_.resize(vocab_);
-    for (int32_t i = 0; i < vocab_; ++i) {
-      const float pr =
-          logits[i] > kNegInf ? static_cast<float>(std::exp((logits[i] - m) * inv_t)) : 0.0f;
-      probs_[i] = pr;
-      total += pr;
-    }
+    total =
+        ExpShifted(logits, vocab_, static_cast<float>(m), static_cast<float>(inv_t), probs_.data());
     if (p.top_p < 1.0f) {
       return SampleNucleus(logits, m, inv_t, total, u, p);
     } else if (p.min_p > 0.0f) {
