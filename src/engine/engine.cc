@@ -636,6 +636,11 @@ void Engine::FinishBeams(SequenceGroup* g) {
       r.token_ids = h[i].tokens;
       r.cumulative_logprob = h[i].cumulative_logprob;
       r.finish_reason = h[i].reason;
+      if (detok_factory_) {
+        std::unique_ptr<IncrementalDetokenizer> d = detok_factory_(g->request.prompt);
+        for (int32_t t : r.token_ids) r.text += d->Push(t);
+        r.text += d->Flush();
+      }
     } else {
       r.finish_reason = FinishReason::kLength;  // fewer hypotheses than outputs
     }
