@@ -1,7 +1,7 @@
 // Tokenizer encode throughput (MB/s of UTF-8 input) on a mixed English / Chinese / code corpus,
 // single-threaded (one Encode call over the whole corpus, as tiktoken's figure is taken) and on
 // all cores (EncodeBatch over ~4 KB chunks). Decode throughput too.
-//   qilin_bench_tokenizer [--tokenizer DIR] [--corpus-out FILE] [--json]
+//   qilin_bench_tokenizer [--tokenizer DIR] [--corpus FILE | --corpus-out FILE] [--json]
 // The corpus (same recipe as tools/tokenizer/bench_reference.py): the golden texts, then every
 // src/**/*.h and *.cc file sorted by path, then the tokenizer data README, each followed by "\n",
 // repeated until it reaches 4.5 MB.
@@ -89,7 +89,7 @@ static double MedianSeconds(int runs, F&& f) {
 int main(int argc, char** argv) {
   const fs::path source_dir = SourceDir();
   std::string dir = (source_dir / ".." / "shared" / "data" / "tokenizer").string();
-  std::string corpus_out;
+  std::string corpus_out, corpus_in;
   bool json = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -97,10 +97,12 @@ int main(int argc, char** argv) {
       dir = argv[++i];
     else if (a == "--corpus-out" && i + 1 < argc)
       corpus_out = argv[++i];
+    else if (a == "--corpus" && i + 1 < argc)
+      corpus_in = argv[++i];
     else if (a == "--json")
       json = true;
     else {
-      std::fprintf(stderr, "usage: %s [--tokenizer DIR] [--corpus-out FILE] [--json]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--tokenizer DIR] [--corpus FILE | --corpus-out FILE] [--json]\n", argv[0]);
       return 2;
     }
   }
@@ -112,7 +114,17 @@ int main(int argc, char** argv) {
   }
   double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const auto& tok = *loaded;
-  const std::string corpus = BuildCorpus(source_dir, dir);
+  std::string corpus;
+  if (!corpus_in.empty()) {  // the same bytes as bench_reference.py --corpus reads
+    std::ifstream in(corpus_in, std::ios::binary);
+    if (!in) {
+      std::fprintf(stderr, "error: cannot read --corpus %s\n", corpus_in.c_str());
+      return 1;
+    }
+    corpus.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  } else {
+    corpus = BuildCorpus(source_dir, dir);
+  }
   if (!corpus_out.empty()) {
     std::ofstream(corpus_out, std::ios::binary) << corpus;
   }

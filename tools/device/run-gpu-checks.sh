@@ -32,6 +32,34 @@ fi
 printf '{"prompt_ids":[1,2,3,4,5],"max_tokens":8}\n' >"$OUT/prompts.jsonl"
 run generate 120 "$G/qilin" generate --model "$G/configs/qwen2.5-0.5b" --dummy-weights \
   --prompts-jsonl "$OUT/prompts.jsonl" --ignore-eos
+# The engine on the GPU: 24 prompts batched together vs one at a time (--max-batch-size 1), greedy.
+python3 - "$OUT/engine_prompts.jsonl" <<'PY'
+import json, random, sys
+random.seed(5)
+with open(sys.argv[1], "w") as f:
+    for i in range(24):
+        n = random.randint(1, 40)
+        f.write(json.dumps({"prompt_ids": [random.randrange(503) for _ in range(n)],
+                            "max_tokens": random.randint(1, 24)}) + "\n")
+PY
+run engine_batched 120 "$G/qilin" generate --device cuda --model "$G/fixtures/golden/qwen2" \
+  --prompts-jsonl "$OUT/engine_prompts.jsonl" --ignore-eos --max-num-tokens 64 --block-size 8
+cp "$OUT/engine_batched.log" "$OUT/engine_batched.out"
+run engine_alone 120 "$G/qilin" generate --device cuda --model "$G/fixtures/golden/qwen2" \
+  --prompts-jsonl "$OUT/engine_prompts.jsonl" --ignore-eos --max-batch-size 1 --block-size 8
+RES[engine_agree]="$(python3 - "$OUT/engine_batched.log" "$OUT/engine_alone.log" <<'PY'
+import json, sys
+def rows(p):
+    return [json.loads(l)["token_ids"] for l in open(p) if l.startswith("{")]
+a, b = rows(sys.argv[1]), rows(sys.argv[2])
+same = sum(x == y for x, y in zip(a, b))
+print(f"{same}/{len(a)} requests identical batched vs alone (of {len(b)})")
+PY
+)"
+if [ -x "$G/qilin_bench_tokenizer" ]; then
+  run tok_qilin 200 "$G/qilin_bench_tokenizer" --tokenizer "$G/tokenizer" --corpus "$G/tok_corpus.txt"
+  run tok_reference 300 python3 "$G/bench_reference.py" --data "$G/tokenizer" --corpus "$G/tok_corpus.txt"
+fi
 run bench 300 "$G/qilin_bench_cuda_decode" --model "$G/configs/qwen2.5-7b"
 if [ -f "$G/torch_baseline.py" ]; then run torch 200 python3 "$G/torch_baseline.py" "$G/configs/qwen2.5-7b"; fi
 echo; echo "== summary"
@@ -42,3 +70,4 @@ for k in "${!RES[@]}"; do printf '%-10s %s\n' "$k" "${RES[$k]}"; done
 tail -n 2 "$OUT/generate.log"
 sed -n '/== qilin CUDA backend/,$p' "$OUT/bench.log"
 tail -n 8 "$OUT/torch.log" 2>/dev/null
+echo "== tokenizer"; tail -n 12 "$OUT/tok_qilin.log" 2>/dev/null; tail -n 12 "$OUT/tok_reference.log" 2>/dev/null
