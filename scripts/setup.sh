@@ -11,9 +11,12 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libfmt-dev libspdlog-dev libcli11-dev
   libutf8proc-dev libpcre2-dev
-  nodejs npm
   clang libclang-rt-14-dev libomp-dev
 )
+# Node.js + npm (end-to-end tests with real client SDKs): any install will do; Debian's packages
+# only where none is present (a machine may carry a newer Node.js that conflicts with Debian's npm).
+command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs)
+command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
