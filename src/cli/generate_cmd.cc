@@ -159,14 +159,18 @@ RegisterCommand reg(
           ->required();
       sub.add_flag("--dummy-weights", o->dummy_weights, "random weights from config.json only");
       sub.add_option("--seed", o->seed, "seed of --dummy-weights");
-      sub.add_option("--prompt-ids", o->prompt_ids, "prompt token ids, e.g. 1,2,3");
+      CLI::Option* ids =
+          sub.add_option("--prompt-ids", o->prompt_ids, "prompt token ids, e.g. 1,2,3");
       sub.add_option("--prompts-jsonl", o->prompts_jsonl,
                      "file of {\"prompt_ids\":[...],\"max_tokens\":N} lines");
       sub.add_option("--max-tokens", o->max_tokens, "tokens to generate")->capture_default_str();
       sub.add_option("--device", o->device, "cpu or cuda")->capture_default_str();
       sub.add_flag("--ignore-eos", o->ignore_eos, "do not stop at eos ids");
       sub.add_option("--block-size", o->block_size, "KV cache block size")->capture_default_str();
-      return [o]() { return RunGenerate(*o); };
+      return [o, ids]() {
+        o->prompt_ids_given = ids->count() > 0;
+        return RunGenerate(*o);
+      };
     });
 
 }  // namespace

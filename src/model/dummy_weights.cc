@@ -68,30 +68,39 @@ struct Builder {
   }
 
   void Fill(uint8_t* out, int64_t n, float mean, float stddev, uint64_t id) const {
+    switch (dtype) {
+      case DType::kF32:
+        return FillAs(reinterpret_cast<float*>(out), n, mean, stddev, id,
+                      [](float v) { return v; });
+      case DType::kF16:
+        return FillAs(reinterpret_cast<uint16_t*>(out), n, mean, stddev, id,
+                      [](float v) { return F32ToF16(v); });
+      default:  // values are finite: round to nearest even without the NaN case
+        return FillAs(reinterpret_cast<uint16_t*>(out), n, mean, stddev, id, [](float v) {
+          uint32_t bits;
+          std::memcpy(&bits, &v, 4);
+          return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+        });
+    }
+  }
+
+  // Four values per 64-bit hash (16 bits each index the quantile table).
+  template <typename T, typename Convert>
+  void FillAs(T* out, int64_t n, float mean, float stddev, uint64_t id, Convert convert) const {
     const float* table = NormalQuantiles().data();
     const uint64_t key = Mix64(seed ^ 0x9e3779b97f4a7c15ULL) ^ Mix64(id * 0xd1b54a32d192ed03ULL);
-    const int64_t groups = (n + 3) / 4;
-    const DType dt = dtype;
+    const int64_t full = n / 4;
 #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < groups; ++g) {
-      uint64_t h = Mix64(key + static_cast<uint64_t>(g));
-      const int64_t end = std::min<int64_t>(4, n - g * 4);
-      for (int64_t j = 0; j < end; ++j, h >>= 16) {
-        const float v = mean + stddev * table[h & (kTableSize - 1)];
-        const int64_t i = g * 4 + j;
-        switch (dt) {
-          case DType::kF32:
-            reinterpret_cast<float*>(out)[i] = v;
-            break;
-          case DType::kF16:
-            reinterpret_cast<uint16_t*>(out)[i] = F32ToF16(v);
-            break;
-          default:
-            reinterpret_cast<uint16_t*>(out)[i] = F32ToBf16(v);
-            break;
-        }
-      }
+    for (int64_t g = 0; g < full; ++g) {
+      const uint64_t h = Mix64(key + static_cast<uint64_t>(g));
+      out[g * 4 + 0] = convert(mean + stddev * table[h & 0xffff]);
+      out[g * 4 + 1] = convert(mean + stddev * table[(h >> 16) & 0xffff]);
+      out[g * 4 + 2] = convert(mean + stddev * table[(h >> 32) & 0xffff]);
+      out[g * 4 + 3] = convert(mean + stddev * table[h >> 48]);
     }
+    uint64_t h = Mix64(key + static_cast<uint64_t>(full));
+    for (int64_t i = full * 4; i < n; ++i, h >>= 16)
+      out[i] = convert(mean + stddev * table[h & 0xffff]);
   }
 };
 
