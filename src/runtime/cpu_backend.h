@@ -46,8 +46,15 @@ class CpuBackend : public Backend {
   std::vector<std::vector<float>> k_cache_, v_cache_;  // per layer [slots, kv_size]
   cpu::RopeFreqs base_freqs_;  // frequencies when they do not depend on the sequence
 
-  // Activations, reused across steps.
-  std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_, rope_cos_, rope_sin_, rows_;
+  // Threads for the layers of a step of `num_tokens` tokens (1 when the work is too small to
+  // pay for the barriers).
+  int LayerThreads(int64_t num_tokens) const;
+
+  // Activations, reused across steps. Shared: q, k, v, attn, gate, up (each thread writes its own
+  // columns). Per thread: x (the residual stream, replicated), h (normed input) and the partial
+  // sums of o_proj and down_proj (two buffers, alternating, so one barrier per reduction).
+  std::vector<float> q_, k_, v_, attn_, gate_, up_, rope_cos_, rope_sin_, logn_;
+  std::vector<std::vector<float>> x_, h_, partial_[2];
 };
 
 }  // namespace qilin
