@@ -363,16 +363,17 @@ int64_t LayerMacsPerToken(const ModelConfig& c) {
   return c.hidden_size * (2 * c.q_size() + 2 * c.kv_size() + 3 * c.intermediate_size);
 }
 
-// Below this many multiply-adds per thread between two barriers, an extra thread costs more
-// (a barrier is ~1 us on idle cores, far more when they are shared) than it saves.
-constexpr int64_t kMinMacsPerThread = 1 << 17;
-
 }  // namespace
 
-int CpuBackend::LayerThreads(int64_t num_tokens) const {
+int CpuBackend::ThreadsFor(int64_t macs_per_barrier) const {
   const int64_t max_threads = omp_get_max_threads();
-  const int64_t work = num_tokens * LayerMacsPerToken(config_) / 2;  // per barrier
-  return static_cast<int>(std::clamp<int64_t>(work / kMinMacsPerThread, 1, max_threads));
+  if (min_macs_per_thread_ <= 0) return static_cast<int>(max_threads);
+  return static_cast<int>(
+      std::clamp<int64_t>(macs_per_barrier / min_macs_per_thread_, 1, max_threads));
+}
+
+int CpuBackend::LayerThreads(int64_t num_tokens) const {
+  return ThreadsFor(num_tokens * LayerMacsPerToken(config_) / 2);  // two barriers per layer
 }
 
 // One step runs in one OpenMP region: the layers split as tensor parallelism does across GPUs.
@@ -392,8 +393,7 @@ Status CpuBackend::Forward(const ForwardBatch& batch, std::vector<float>* logits
   const float eps = static_cast<float>(c.rms_norm_eps);
   const int64_t m = static_cast<int64_t>(batch.logits_indices.size());
   const int layer_threads = LayerThreads(n);
-  const int head_threads = static_cast<int>(
-      std::clamp<int64_t>(m * c.vocab_size * hid / kMinMacsPerThread, 1, omp_get_max_threads()));
+  const int head_threads = ThreadsFor(m * c.vocab_size * hid);
   const int max_threads = std::max(layer_threads, head_threads);
 
   q_.resize(n * qs);

@@ -104,6 +104,17 @@ void SiluMul(const float* gate, const float* up, int64_t rows, int64_t dim, floa
   }
 }
 
+void ExpF32(const float* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, Exp8(_mm256_loadu_ps(x + i)));
+  if (i < n) {
+    alignas(32) float tmp[8] = {};
+    std::copy(x + i, x + n, tmp);
+    _mm256_store_ps(tmp, Exp8(_mm256_load_ps(tmp)));
+    std::copy(tmp, tmp + (n - i), out + i);
+  }
+}
+
 void AddInPlace(float* x, const float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)

@@ -26,6 +26,9 @@ void SiluMul(const float* gate, const float* up, int64_t rows, int64_t dim, floa
 // SiluMul over n values on the calling thread.
 void SiluMulSerial(const float* gate, const float* up, int64_t n, float* out);
 
+// out[i] = e^x[i] by the 8-lane Exp8 (every element, the tail through a padded vector).
+void ExpF32(const float* x, int64_t n, float* out);
+
 // x[i] += y[i] for i < n.
 void AddInPlace(float* x, const float* y, int64_t n);
 
