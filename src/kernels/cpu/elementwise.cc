@@ -115,6 +115,37 @@ void ExpF32(const float* x, int64_t n, float* out) {
   }
 }
 
+double LogSumExp(const float* x, int64_t n) {
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float mx = *std::max_element(lanes, lanes + 8);
+  for (; i < n; ++i) mx = std::max(mx, x[i]);
+  if (mx == -INFINITY) return -INFINITY;
+  if (std::isnan(mx) || std::isinf(mx)) return mx;
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+    s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  alignas(32) double d[4];
+  _mm256_store_pd(d, _mm256_add_pd(s0, s1));
+  double sum = (d[0] + d[1]) + (d[2] + d[3]);
+  if (i < n) {
+    float tail[8];
+    const int64_t len = n - i;
+    for (int64_t j = 0; j < len; ++j) tail[j] = x[i + j] - mx;
+    ExpF32(tail, len, tail);
+    for (int64_t j = 0; j < len; ++j) sum += tail[j];
+  }
+  return static_cast<double>(mx) + std::log(sum);
+}
+
 void AddInPlace(float* x, const float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)

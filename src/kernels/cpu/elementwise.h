@@ -29,6 +29,10 @@ void SiluMulSerial(const float* gate, const float* up, int64_t n, float* out);
 // out[i] = e^x[i] by the 8-lane Exp8 (every element, the tail through a padded vector).
 void ExpF32(const float* x, int64_t n, float* out);
 
+// log(sum_i e^x[i]) for n >= 1 values: max subtraction, e^x in f32 (Exp8), the sum of the
+// exponentials and the log in double. -inf when every value is -inf.
+double LogSumExp(const float* x, int64_t n);
+
 // x[i] += y[i] for i < n.
 void AddInPlace(float* x, const float* y, int64_t n);
 
