@@ -12,6 +12,7 @@ PACKAGES=(
   nlohmann-json3-dev libfmt-dev libspdlog-dev libcli11-dev
   libutf8proc-dev libpcre2-dev
   nodejs npm
+  clang libclang-rt-14-dev libomp-dev
 )
 
 missing=()

@@ -38,8 +38,8 @@ def build_corpus(data_dir):
     for rel in sorted(files):
         with open(os.path.join(ROOT, rel), "rb") as f:
             unit.append(f.read().decode("utf-8") + "\n")
-    with open(os.path.join(data_dir, "README.md"), encoding="utf-8") as f:
-        unit.append(f.read() + "\n")
+    with open(os.path.join(data_dir, "README.md"), "rb") as f:
+        unit.append(f.read().decode("utf-8") + "\n")
     unit = "".join(unit).encode("utf-8")
     corpus = b""
     while len(corpus) < 4_500_000:
