@@ -1,6 +1,7 @@
 // CPU backend speed on a real model shape with dummy bf16 weights, beside this machine's limits
 // measured in the same run: decode vs weight bytes / copy bandwidth, prefill vs the FMA rate.
-//   qilin_bench_cpu_backend [--model configs/qwen2.5-0.5b] [--json]
+//   qilin_bench_cpu_backend [--model configs/qwen2.5-0.5b] [--json] [--dummy-only]
+// --dummy-only: time MakeDummyWeights for the config and stop (e.g. Qwen2.5-7B's, 15 GB).
 #include <immintrin.h>
 #include <omp.h>
 
@@ -97,14 +98,17 @@ qilin::ForwardBatch MakeStep(std::vector<Seq>& seqs, int32_t k, int32_t block_si
 int main(int argc, char** argv) {
   std::string model_dir = "configs/qwen2.5-0.5b";
   bool json = false;
+  bool dummy_only = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--json") {
       json = true;
+    } else if (a == "--dummy-only") {
+      dummy_only = true;
     } else if (a == "--model" && i + 1 < argc) {
       model_dir = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: %s [--model DIR] [--json]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--model DIR] [--json] [--dummy-only]\n", argv[0]);
       return 2;
     }
   }
@@ -128,6 +132,25 @@ int main(int argc, char** argv) {
     config.rope_theta = 1e6;
     config.tie_word_embeddings = true;
     config.attention_bias = true;
+  }
+  if (dummy_only) {
+    auto t0 = Clock::now();
+    auto weights = qilin::MakeDummyWeights(config, qilin::DType::kBF16, 1);
+    if (!weights.ok()) {
+      std::fprintf(stderr, "%s\n", weights.status().ToString().c_str());
+      return 1;
+    }
+    const double s = Seconds(t0, Clock::now());
+    int64_t bytes = 0;
+    bytes += weights->embed_tokens.nbytes();
+    if (!config.tie_word_embeddings) bytes += weights->lm_head.nbytes();
+    for (const auto& l : weights->layers)
+      for (const auto* t :
+           {&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj})
+        bytes += t->nbytes();
+    std::printf("MakeDummyWeights %s (%.2f GB of bf16 matrices): %.2f s, %d threads\n",
+                model_dir.c_str(), bytes / 1e9, s, omp_get_max_threads());
+    return 0;
   }
   const double copy_gbs = CopyBandwidthGBs();
   const double fma_gflops = FmaPeakGflops();

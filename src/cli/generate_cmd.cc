@@ -30,6 +30,11 @@ struct GenerateOptions {
   std::string prompt_ids;
   bool prompt_ids_given = false;
   std::string prompts_jsonl;
+  std::string prompt_text;  // --prompt: text, encoded with the model folder's tokenizer
+  bool prompt_text_given = false;
+  bool chat = false;  // render --prompt as a user message with the chat template
+  std::string system;
+  bool system_given = false;
   int64_t max_tokens = 16;
   std::string device = "auto";
   bool ignore_eos = false;
@@ -98,6 +103,26 @@ int64_t JsonInt(const nlohmann::json& j, const char* key, const std::string& wha
     throw Error(InvalidArgument("{}: {} = {} is not an integer", what, key, j[key].dump()));
   }
   return j[key].get<int64_t>();
+}
+
+// --prompt: the text itself, or with --chat the chat template's rendering of [system,] user
+// with the generation prompt, encoded with special tokens matched (the template writes them).
+Prompt TextPrompt(const GenerateOptions& o, const tokenizer::Tokenizer& tok) {
+  Prompt p{DefaultRequest(o), "--prompt"};
+  if (o.prompt_text.empty()) throw Error(InvalidArgument("--prompt: the prompt is empty"));
+  std::string text = o.prompt_text;
+  if (o.chat) {
+    nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+    if (o.system_given) messages.push_back({{"role", "system"}, {"content", o.system}});
+    messages.push_back({{"role", "user"}, {"content", o.prompt_text}});
+    tokenizer::ChatTemplateOptions opts;
+    opts.add_generation_prompt = true;
+    Result<std::string> rendered = tok.chat_template().Render(messages, opts);
+    if (!rendered.ok()) throw Error(rendered.status().WithContext("--chat: chat template"));
+    text = std::move(rendered).value();
+  }
+  p.request.prompt = OrThrow(tok.Encode(text, /*allow_special=*/true));
+  return p;
 }
 
 std::vector<Prompt> ReadPrompts(const GenerateOptions& o) {
@@ -180,11 +205,37 @@ std::vector<Prompt> ReadPrompts(const GenerateOptions& o) {
 }
 
 int RunGenerate(const GenerateOptions& o) {
-  if (o.prompt_ids_given == !o.prompts_jsonl.empty()) {
-    throw Error(InvalidArgument("give exactly one of --prompt-ids and --prompts-jsonl"));
+  const int sources =
+      int{o.prompt_ids_given} + int{!o.prompts_jsonl.empty()} + int{o.prompt_text_given};
+  if (sources != 1) {
+    throw Error(InvalidArgument("give exactly one of --prompt, --prompt-ids and --prompts-jsonl"));
+  }
+  if (o.chat && !o.prompt_text_given) {
+    throw Error(InvalidArgument("--chat applies to --prompt (a text prompt); none was given"));
+  }
+  if (o.system_given && !o.chat) {
+    throw Error(InvalidArgument("--system is the chat's system message: it needs --chat"));
   }
   const ModelConfig config = OrThrow(LoadModelConfig(o.model_dir));
-  std::vector<Prompt> prompts = ReadPrompts(o);
+  // A text prompt needs a tokenizer: --tokenizer, else the model folder's.
+  std::shared_ptr<const tokenizer::Tokenizer> tok;
+  if (!o.tokenizer_dir.empty()) {
+    tok = OrThrow(tokenizer::Tokenizer::Load(o.tokenizer_dir));
+  } else if (o.prompt_text_given) {
+    Result<std::shared_ptr<const tokenizer::Tokenizer>> t = tokenizer::Tokenizer::Load(o.model_dir);
+    if (!t.ok()) {
+      throw Error(t.status().WithContext(
+          "--prompt needs a tokenizer (tokenizer.json or qwen.tiktoken) in the model folder or "
+          "--tokenizer DIR"));
+    }
+    tok = *t;
+  }
+  std::vector<Prompt> prompts;
+  if (o.prompt_text_given) {
+    prompts.push_back(TextPrompt(o, *tok));
+  } else {
+    prompts = ReadPrompts(o);
+  }
   // The checks that need only config.json, before the (slow) weights load; the engine checks
   // the rest (pool size, sampling parameters) at submit.
   for (const auto& p : prompts) {
@@ -207,10 +258,7 @@ int RunGenerate(const GenerateOptions& o) {
   }
   bool any_stop_strings = false;
   for (const auto& p : prompts) any_stop_strings |= !p.request.sampling.stop.empty();
-  std::shared_ptr<const tokenizer::Tokenizer> tok;
-  if (!o.tokenizer_dir.empty()) {
-    tok = OrThrow(tokenizer::Tokenizer::Load(o.tokenizer_dir));
-  } else if (any_stop_strings) {
+  if (!tok && any_stop_strings) {
     throw Error(InvalidArgument("stop strings need a tokenizer: pass --tokenizer DIR"));
   }
 
@@ -232,6 +280,16 @@ int RunGenerate(const GenerateOptions& o) {
   ec.max_num_tokens = o.max_num_tokens;
   ec.enable_prefix_caching = !o.no_prefix_cache;
   ec.kv_cache_tokens = o.kv_cache_tokens;
+  if (tok) {
+    // The folder's generation defaults (generation_config.json: e.g. <|im_end|> for chat models)
+    // and config.json's eos ids both end a sequence.
+    for (int64_t e : config.eos_token_ids) ec.eos_token_ids.push_back(static_cast<int32_t>(e));
+    for (int32_t e : tok->generation_defaults().eos_token_ids) {
+      if (e >= 0 && e < config.vocab_size &&
+          std::find(ec.eos_token_ids.begin(), ec.eos_token_ids.end(), e) == ec.eos_token_ids.end())
+        ec.eos_token_ids.push_back(e);
+    }
+  }
   if (ec.kv_cache_tokens <= 0) {
     // What this workload can use at once (never more than half the free memory): the engine
     // preempts and recomputes if it is less.
@@ -273,6 +331,7 @@ int RunGenerate(const GenerateOptions& o) {
       text[r->seq_index] += r->text;
     }
     nlohmann::json line;
+    if (o.prompt_text_given) line["prompt_token_ids"] = prompts[i].request.prompt;
     if (n == 1) {
       line["token_ids"] = ids[0];
       if (tok) line["text"] = text[0];
@@ -303,6 +362,11 @@ RegisterCommand reg(
       sub.add_option("--seed", o->seed, "seed of --dummy-weights");
       CLI::Option* ids =
           sub.add_option("--prompt-ids", o->prompt_ids, "prompt token ids, e.g. 1,2,3");
+      CLI::Option* text = sub.add_option("--prompt", o->prompt_text,
+                                         "prompt text (encoded with the model folder's tokenizer)");
+      sub.add_flag("--chat", o->chat,
+                   "render --prompt as a user message with the model's chat template");
+      CLI::Option* system = sub.add_option("--system", o->system, "system message for --chat");
       sub.add_option("--prompts-jsonl", o->prompts_jsonl,
                      "file of {\"prompt_ids\":[...], \"max_tokens\":N, \"temperature\", "
                      "\"top_k\", \"top_p\", \"min_p\", \"seed\", \"n\", \"stop\"} lines");
@@ -327,8 +391,10 @@ RegisterCommand reg(
       sub.add_option("--top-k", o->top_k, "default top-k (0: off)")->capture_default_str();
       sub.add_option("--top-p", o->top_p, "default top-p (1: off)")->capture_default_str();
       sub.add_option("--min-p", o->min_p, "default min-p (0: off)")->capture_default_str();
-      return [o, ids]() {
+      return [o, ids, text, system]() {
         o->prompt_ids_given = ids->count() > 0;
+        o->prompt_text_given = text->count() > 0;
+        o->system_given = system->count() > 0;
         return RunGenerate(*o);
       };
     });

@@ -1,6 +1,8 @@
 // MakeDummyWeights: random weights for any config, for speed tests without a checkpoint.
 // Values come from a counter-based generator (a hash of seed, tensor and element index), so they
 // are the same for any thread count; normals come from a 64K-entry inverse-CDF table.
+#include <sys/mman.h>
+
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -40,6 +42,25 @@ const std::vector<float>& NormalQuantiles() {
   return table;
 }
 
+// A zeroed buffer for a tensor. Large ones are anonymous mappings advised to use transparent huge
+// pages: filling 15 GB (Qwen2.5-7B) through 4 KB pages took 3.7 M page faults, about a minute on a
+// virtual machine where each fault costs ~15 us; with 2 MB pages it is 7,500.
+std::shared_ptr<uint8_t> AllocateTensor(size_t bytes) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  if (bytes >= 2 * kHuge) {
+    const size_t len = (bytes + kHuge - 1) / kHuge * kHuge + kHuge;  // room to align to 2 MB
+    void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base != MAP_FAILED) {
+      const uintptr_t b = reinterpret_cast<uintptr_t>(base);
+      uint8_t* aligned = reinterpret_cast<uint8_t*>((b + kHuge - 1) / kHuge * kHuge);
+      madvise(aligned, len - (aligned - static_cast<uint8_t*>(base)), MADV_HUGEPAGE);
+      return std::shared_ptr<uint8_t>(aligned, [base, len](uint8_t*) { munmap(base, len); });
+    }
+  }
+  return std::shared_ptr<uint8_t>(new uint8_t[bytes > 0 ? bytes : 1],
+                                  std::default_delete<uint8_t[]>());
+}
+
 inline uint64_t Mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
@@ -60,7 +81,7 @@ struct Builder {
     t.name = std::move(name);
     const int64_t n = t.numel();
     const size_t bytes = static_cast<size_t>(n) * DTypeSize(dtype);
-    std::shared_ptr<uint8_t[]> buf(new uint8_t[bytes > 0 ? bytes : 1]);
+    std::shared_ptr<uint8_t> buf = AllocateTensor(bytes);
     Fill(buf.get(), n, mean, stddev, next_id++);
     t.data = buf.get();
     storage.push_back(std::shared_ptr<const void>(buf, buf.get()));
