@@ -10,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include "model/weight_checks.h"
 #include "model/weights.h"
 
 namespace qilin {
@@ -125,22 +126,6 @@ struct Builder {
   }
 };
 
-Status CheckDims(const ModelConfig& c) {
-  struct Dim {
-    const char* name;
-    int64_t value;
-  };
-  for (const Dim& d :
-       {Dim{"vocab_size", c.vocab_size}, Dim{"hidden_size", c.hidden_size},
-        Dim{"intermediate_size", c.intermediate_size}, Dim{"num_hidden_layers", c.num_layers},
-        Dim{"num_attention_heads", c.num_heads}, Dim{"num_key_value_heads", c.num_kv_heads},
-        Dim{"head_dim", c.head_dim}}) {
-    if (d.value <= 0)
-      return InvalidArgument("model config: {} = {} must be positive", d.name, d.value);
-  }
-  return Status::Ok();
-}
-
 }  // namespace
 
 Result<ModelWeights> MakeDummyWeights(const ModelConfig& config, DType dtype, uint64_t seed) {
@@ -153,7 +138,7 @@ Result<ModelWeights> MakeDummyWeights(const ModelConfig& config, DType dtype, ui
     return InvalidArgument("dummy weights: dtype {} is not supported (use BF16, F16 or F32)",
                            DTypeName(dtype));
   }
-  QILIN_RETURN_IF_ERROR(CheckDims(config));
+  QILIN_RETURN_IF_ERROR(CheckModelDims(config));
   const int64_t h = config.hidden_size, q = config.q_size(), kv = config.kv_size();
   const int64_t inter = config.intermediate_size;
   Builder b{dtype, seed, 0, {}};

@@ -16,6 +16,8 @@
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/simd.h"
+#include "model/weight_checks.h"
+#include "runtime/validate_batch.h"
 
 namespace qilin {
 namespace {
@@ -23,50 +25,6 @@ namespace {
 using cpu::WeightRef;
 
 WeightRef Ref(const TensorView& t) { return WeightRef{t.dtype, t.data}; }
-
-Status CheckTensor(const TensorView& t, const std::string& what, std::vector<int64_t> shape) {
-  if (t.empty()) return NotFound("weights: tensor {} is missing", what);
-  if (t.dtype != DType::kBF16 && t.dtype != DType::kF16 && t.dtype != DType::kF32) {
-    return InvalidArgument(
-        "weights: tensor {} ({}) has dtype {}; the CPU backend takes BF16, F16 "
-        "or F32",
-        what, t.name, DTypeName(t.dtype));
-  }
-  if (t.shape != shape) {
-    return InvalidArgument("weights: tensor {} ({}) has shape [{}], expected [{}]", what, t.name,
-                           fmt::join(t.shape, ", "), fmt::join(shape, ", "));
-  }
-  return Status::Ok();
-}
-
-Status CheckConfig(const ModelConfig& c) {
-  struct Dim {
-    const char* name;
-    int64_t value;
-  };
-  for (const Dim& d :
-       {Dim{"vocab_size", c.vocab_size}, Dim{"hidden_size", c.hidden_size},
-        Dim{"intermediate_size", c.intermediate_size}, Dim{"num_hidden_layers", c.num_layers},
-        Dim{"num_attention_heads", c.num_heads}, Dim{"num_key_value_heads", c.num_kv_heads},
-        Dim{"head_dim", c.head_dim}}) {
-    if (d.value <= 0) {
-      return InvalidArgument("model config: {} = {} must be positive", d.name, d.value);
-    }
-  }
-  if (c.num_heads % c.num_kv_heads != 0) {
-    return InvalidArgument(
-        "model config: num_attention_heads = {} is not a multiple of num_key_value_heads = {}",
-        c.num_heads, c.num_kv_heads);
-  }
-  if (c.head_dim % 2 != 0 || c.head_dim < 4) {
-    return InvalidArgument("model config: head_dim = {} must be even and at least 4 for rope",
-                           c.head_dim);
-  }
-  if (c.vocab_size > INT32_MAX) {
-    return InvalidArgument("model config: vocab_size = {} exceeds {}", c.vocab_size, INT32_MAX);
-  }
-  return Status::Ok();
-}
 
 // Bytes of MemAvailable in /proc/meminfo, or an error.
 Result<int64_t> MemAvailableBytes() {
@@ -93,12 +51,14 @@ CpuBackend::CpuBackend(const ModelConfig& config, ModelWeights weights)
 
 Result<std::unique_ptr<CpuBackend>> CpuBackend::Create(const ModelConfig& config,
                                                        ModelWeights weights) {
-  QILIN_RETURN_IF_ERROR(CheckConfig(config));
+  QILIN_RETURN_IF_ERROR(CheckBackendConfig(config));
   const int64_t h = config.hidden_size, q = config.q_size(), kv = config.kv_size();
   const int64_t inter = config.intermediate_size, d = config.head_dim;
-  QILIN_RETURN_IF_ERROR(CheckTensor(weights.embed_tokens, "embed_tokens", {config.vocab_size, h}));
-  QILIN_RETURN_IF_ERROR(CheckTensor(weights.final_norm, "final_norm", {h}));
-  QILIN_RETURN_IF_ERROR(CheckTensor(weights.lm_head, "lm_head", {config.vocab_size, h}));
+  QILIN_RETURN_IF_ERROR(
+      CheckWeightTensor(weights.embed_tokens, "embed_tokens", {config.vocab_size, h}, "CPU"));
+  QILIN_RETURN_IF_ERROR(CheckWeightTensor(weights.final_norm, "final_norm", {h}, "CPU"));
+  QILIN_RETURN_IF_ERROR(
+      CheckWeightTensor(weights.lm_head, "lm_head", {config.vocab_size, h}, "CPU"));
   if (static_cast<int64_t>(weights.layers.size()) != config.num_layers) {
     return InvalidArgument("weights: {} layers, but num_hidden_layers = {}", weights.layers.size(),
                            config.num_layers);
@@ -106,7 +66,7 @@ Result<std::unique_ptr<CpuBackend>> CpuBackend::Create(const ModelConfig& config
   for (int64_t i = 0; i < config.num_layers; ++i) {
     const LayerWeights& l = weights.layers[i];
     auto check = [&](const TensorView& t, const char* name, std::vector<int64_t> shape) {
-      return CheckTensor(t, fmt::format("layers.{}.{}", i, name), std::move(shape));
+      return CheckWeightTensor(t, fmt::format("layers.{}.{}", i, name), shape, "CPU");
     };
     QILIN_RETURN_IF_ERROR(check(l.input_norm, "input_norm", {h}));
     QILIN_RETURN_IF_ERROR(check(l.q_proj, "q_proj", {q, h}));
@@ -216,105 +176,7 @@ Status CpuBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& 
 }
 
 Status CpuBackend::ValidateBatch(const ForwardBatch& b) const {
-  if (num_slots_ == 0) return FailedPrecondition("Forward: the KV cache is not allocated");
-  const int64_t n = b.num_tokens();
-  if (n == 0) return InvalidArgument("batch: token_ids is empty");
-  if (static_cast<int64_t>(b.positions.size()) != n) {
-    return InvalidArgument("batch: positions has {} entries, token_ids has {}", b.positions.size(),
-                           n);
-  }
-  if (static_cast<int64_t>(b.slot_mapping.size()) != n) {
-    return InvalidArgument("batch: slot_mapping has {} entries, token_ids has {}",
-                           b.slot_mapping.size(), n);
-  }
-  if (b.query_start.size() < 2) {
-    return InvalidArgument("batch: query_start has {} entries; need num_seqs + 1 >= 2",
-                           b.query_start.size());
-  }
-  const int32_t seqs = b.num_seqs();
-  if (b.query_start[0] != 0) {
-    return InvalidArgument("batch: query_start[0] = {}, expected 0", b.query_start[0]);
-  }
-  if (b.query_start[seqs] != n) {
-    return InvalidArgument("batch: query_start[{}] = {}, expected num_tokens = {}", seqs,
-                           b.query_start[seqs], n);
-  }
-  if (static_cast<int32_t>(b.context_lens.size()) != seqs) {
-    return InvalidArgument("batch: context_lens has {} entries for {} sequences",
-                           b.context_lens.size(), seqs);
-  }
-  if (static_cast<int32_t>(b.prompt_lens.size()) != seqs) {
-    return InvalidArgument("batch: prompt_lens has {} entries for {} sequences",
-                           b.prompt_lens.size(), seqs);
-  }
-  if (b.max_blocks_per_seq <= 0) {
-    return InvalidArgument("batch: max_blocks_per_seq = {} must be positive", b.max_blocks_per_seq);
-  }
-  if (static_cast<int64_t>(b.block_tables.size()) !=
-      static_cast<int64_t>(seqs) * b.max_blocks_per_seq) {
-    return InvalidArgument("batch: block_tables has {} entries, expected {} sequences x {} = {}",
-                           b.block_tables.size(), seqs, b.max_blocks_per_seq,
-                           static_cast<int64_t>(seqs) * b.max_blocks_per_seq);
-  }
-  const int64_t bs = layout_.block_size;
-  for (int32_t s = 0; s < seqs; ++s) {
-    const int32_t q0 = b.query_start[s], q1 = b.query_start[s + 1];
-    if (q1 <= q0 || q1 > n) {
-      return InvalidArgument(
-          "batch: sequence {} has query_start {} .. {}; each sequence needs "
-          "at least one new token within the {} tokens",
-          s, q0, q1, n);
-    }
-    const int64_t ctx = b.context_lens[s], qlen = q1 - q0;
-    if (ctx < qlen) {
-      return InvalidArgument("batch: context_lens[{}] = {} is less than its {} new tokens", s, ctx,
-                             qlen);
-    }
-    if (ctx > static_cast<int64_t>(b.max_blocks_per_seq) * bs) {
-      return InvalidArgument(
-          "batch: context_lens[{}] = {} exceeds max_blocks_per_seq {} x block_size {}", s, ctx,
-          b.max_blocks_per_seq, bs);
-    }
-    if (b.prompt_lens[s] <= 0) {
-      return InvalidArgument("batch: prompt_lens[{}] = {} must be positive", s, b.prompt_lens[s]);
-    }
-    const int32_t* table = b.block_tables.data() + static_cast<int64_t>(s) * b.max_blocks_per_seq;
-    const int64_t used_blocks = (ctx + bs - 1) / bs;
-    for (int64_t j = 0; j < used_blocks; ++j) {
-      if (table[j] < 0 || table[j] >= layout_.num_blocks) {
-        return InvalidArgument("batch: block_tables[{}][{}] = {} is outside the pool of {} blocks",
-                               s, j, table[j], layout_.num_blocks);
-      }
-    }
-    for (int32_t t = q0; t < q1; ++t) {
-      const int64_t want_pos = ctx - qlen + (t - q0);
-      if (b.positions[t] != want_pos) {
-        return InvalidArgument(
-            "batch: positions[{}] = {}, expected {} (context_lens[{}] = {} with {} new tokens)", t,
-            b.positions[t], want_pos, s, ctx, qlen);
-      }
-      const int64_t want_slot = static_cast<int64_t>(table[want_pos / bs]) * bs + want_pos % bs;
-      if (b.slot_mapping[t] != want_slot) {
-        return InvalidArgument(
-            "batch: slot_mapping[{}] = {} (pool has {} slots), but the block table puts position "
-            "{} at slot {}",
-            t, b.slot_mapping[t], num_slots_, want_pos, want_slot);
-      }
-    }
-  }
-  for (int64_t t = 0; t < n; ++t) {
-    if (b.token_ids[t] < 0 || b.token_ids[t] >= config_.vocab_size) {
-      return InvalidArgument("batch: token_ids[{}] = {} is outside the vocabulary [0, {})", t,
-                             b.token_ids[t], config_.vocab_size);
-    }
-  }
-  for (size_t i = 0; i < b.logits_indices.size(); ++i) {
-    if (b.logits_indices[i] < 0 || b.logits_indices[i] >= n) {
-      return InvalidArgument("batch: logits_indices[{}] = {} is outside the {} tokens", i,
-                             b.logits_indices[i], n);
-    }
-  }
-  return Status::Ok();
+  return ValidateForwardBatch(b, config_, layout_);
 }
 
 void CpuBackend::ComputeRope(const ForwardBatch& b) {

@@ -11,6 +11,7 @@
 
 #include "common/dtype.h"
 #include "kernels/cpu/rope.h"
+#include "model/weight_checks.h"
 #include "runtime/validate_batch.h"
 
 namespace qilin {
@@ -27,20 +28,7 @@ constexpr int32_t kGraphBuckets[] = {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 16
 size_t Align(size_t v) { return (v + 255) & ~size_t{255}; }
 
 Status CheckConfig(const ModelConfig& c) {
-  for (auto [name, v] : {std::pair{"vocab_size", c.vocab_size},
-                         {"hidden_size", c.hidden_size},
-                         {"intermediate_size", c.intermediate_size},
-                         {"num_hidden_layers", c.num_layers},
-                         {"num_attention_heads", c.num_heads},
-                         {"num_key_value_heads", c.num_kv_heads},
-                         {"head_dim", c.head_dim}}) {
-    if (v <= 0) return InvalidArgument("model config: {} = {} must be positive", name, v);
-  }
-  if (c.num_heads % c.num_kv_heads != 0) {
-    return InvalidArgument(
-        "model config: num_attention_heads = {} is not a multiple of num_key_value_heads = {}",
-        c.num_heads, c.num_kv_heads);
-  }
+  QILIN_RETURN_IF_ERROR(CheckBackendConfig(c));
   if (c.head_dim % 2 != 0 || c.head_dim < 4 || c.head_dim > 256) {
     return InvalidArgument(
         "model config: head_dim = {}; the CUDA backend needs an even head_dim in [4, 256]",
@@ -53,21 +41,6 @@ Status CheckConfig(const ModelConfig& c) {
   }
   if (c.vocab_size > INT32_MAX) {
     return InvalidArgument("model config: vocab_size = {} exceeds {}", c.vocab_size, INT32_MAX);
-  }
-  return Status::Ok();
-}
-
-Status CheckTensor(const TensorView& t, const std::string& what, std::vector<int64_t> shape) {
-  if (t.empty()) return NotFound("weights: tensor {} is missing", what);
-  if (t.dtype != DType::kBF16 && t.dtype != DType::kF16 && t.dtype != DType::kF32) {
-    return InvalidArgument(
-        "weights: tensor {} ({}) has dtype {}; the CUDA backend takes BF16, F16 "
-        "or F32",
-        what, t.name, DTypeName(t.dtype));
-  }
-  if (t.shape != shape) {
-    return InvalidArgument("weights: tensor {} ({}) has shape [{}], expected [{}]", what, t.name,
-                           fmt::join(t.shape, ", "), fmt::join(shape, ", "));
   }
   return Status::Ok();
 }
@@ -181,9 +154,10 @@ Status CudaBackend::AllocWeights() {
 Status CudaBackend::UploadWeights(const ModelWeights& w) {
   const ModelConfig& c = config_;
   const int64_t h = c.hidden_size, q = c.q_size(), kv = c.kv_size(), inter = c.intermediate_size;
-  QILIN_RETURN_IF_ERROR(CheckTensor(w.embed_tokens, "embed_tokens", {c.vocab_size, h}));
-  QILIN_RETURN_IF_ERROR(CheckTensor(w.final_norm, "final_norm", {h}));
-  QILIN_RETURN_IF_ERROR(CheckTensor(w.lm_head, "lm_head", {c.vocab_size, h}));
+  QILIN_RETURN_IF_ERROR(
+      CheckWeightTensor(w.embed_tokens, "embed_tokens", {c.vocab_size, h}, "CUDA"));
+  QILIN_RETURN_IF_ERROR(CheckWeightTensor(w.final_norm, "final_norm", {h}, "CUDA"));
+  QILIN_RETURN_IF_ERROR(CheckWeightTensor(w.lm_head, "lm_head", {c.vocab_size, h}, "CUDA"));
   if (static_cast<int64_t>(w.layers.size()) != c.num_layers) {
     return InvalidArgument("weights: {} layers, but num_hidden_layers = {}", w.layers.size(),
                            c.num_layers);
@@ -209,7 +183,7 @@ Status CudaBackend::UploadWeights(const ModelWeights& w) {
     const LayerWeights& l = w.layers[i];
     const DevLayer& d = layers_[i];
     auto check = [&](const TensorView& t, const char* name, std::vector<int64_t> shape) {
-      return CheckTensor(t, fmt::format("layers.{}.{}", i, name), std::move(shape));
+      return CheckWeightTensor(t, fmt::format("layers.{}.{}", i, name), shape, "CUDA");
     };
     QILIN_RETURN_IF_ERROR(check(l.input_norm, "input_norm", {h}));
     QILIN_RETURN_IF_ERROR(check(l.q_proj, "q_proj", {q, h}));
