@@ -1,0 +1,155 @@
+// The inflight batching engine: Submit(Request) returns a stream of Responses; one loop thread
+// owns the scheduler, the KV manager and the sampler, and runs steps (schedule -> build the
+// packed ForwardBatch -> Backend::Forward -> sample -> stop checks -> responses). Submit and
+// Cancel cross one queue; Step() runs a step synchronously for deterministic tests.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "common/status.h"
+#include "engine/detokenizer.h"
+#include "engine/kv_manager.h"
+#include "engine/request.h"
+#include "engine/response_stream.h"
+#include "engine/sampler.h"
+#include "engine/scheduler.h"
+#include "runtime/backend.h"
+
+namespace qilin {
+
+struct EngineConfig {
+  int32_t max_batch_size = 256;   // sequences running at once
+  int32_t max_num_tokens = 8192;  // tokens per step, prefill chunks and decodes together
+  int32_t max_seq_len = 0;        // prompt + output; 0: the model's max_position_embeddings
+  bool enable_chunked_prefill = true;
+  BatchingMode mode = BatchingMode::kInflight;
+  CapacityPolicy policy = CapacityPolicy::kMaxUtilization;
+  int32_t block_size = 32;  // tokens per KV block
+  // KV pool size: an explicit token count (rounded down to blocks), or else this fraction of
+  // free memory (Backend::ProposeNumKvBlocks).
+  int64_t kv_cache_tokens = 0;
+  double kv_cache_memory_fraction = 0.9;
+  bool enable_prefix_caching = true;
+  // End-of-sequence ids; empty: the model config's eos_token_ids.
+  std::vector<int32_t> eos_token_ids;
+  // Threads that sample rows in parallel; 0: OpenMP's default.
+  int32_t sampler_threads = 0;
+};
+
+struct EngineStats {
+  int32_t running = 0;
+  int32_t waiting = 0;
+  int32_t kv_blocks_total = 0;
+  int32_t kv_blocks_used = 0;
+  int32_t kv_blocks_free = 0;
+  int32_t kv_blocks_cached = 0;
+  int64_t prefix_cache_queries = 0;     // full prompt blocks looked up at admission
+  int64_t prefix_cache_hits = 0;        // blocks found
+  int64_t prefix_cache_hit_tokens = 0;  // prefill tokens saved
+  int64_t prefill_tokens = 0;           // tokens run that were not sampled decodes
+  int64_t generated_tokens = 0;
+  int64_t steps = 0;
+  int64_t preemptions = 0;
+  int64_t requests_finished = 0;
+  double prefix_cache_hit_rate() const {
+    return prefix_cache_queries ? static_cast<double>(prefix_cache_hits) / prefix_cache_queries
+                                : 0.0;
+  }
+};
+
+class Engine {
+ public:
+  // Sizes and allocates the backend's KV pool; validates the configuration.
+  static Result<std::unique_ptr<Engine>> Create(Backend& backend, const EngineConfig& config);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Attaches a detokenizer (text deltas, stop strings). Call before the first Submit.
+  void SetDetokenizerFactory(DetokenizerFactory factory) { detok_factory_ = std::move(factory); }
+
+  // Validates the request (a request that can never fit is refused here, naming the limit) and
+  // queues it. Thread-safe.
+  Result<std::shared_ptr<ResponseStream>> Submit(Request request);
+  // Aborts a request wherever it is (its stream gets finish_reason abort). Thread-safe.
+  void Cancel(int64_t request_id);
+
+  // Runs the loop thread / stops it (aborting every unfinished request).
+  void Start();
+  void Stop();
+
+  // One step on the caller's thread (only while the loop thread is not running): takes queued
+  // submits and cancels, schedules, runs the backend, samples and answers. A backend error fails
+  // the requests of that step and is returned.
+  Status Step();
+  // Steps until nothing is waiting or running.
+  Status RunUntilIdle();
+  bool HasWork() const;
+
+  EngineStats stats() const;
+  const EngineConfig& config() const { return config_; }
+  // For tests on the calling (loop) thread: block accounting and invariants.
+  const KvManager& kv() const { return *kv_; }
+  bool CheckKvInvariants() const;
+
+ private:
+  Engine(Backend& backend, const EngineConfig& config, int32_t num_blocks);
+  void DrainInbox();
+  void BuildBatch(const SchedulerOutput& out);
+  void ProcessOutputs(const SchedulerOutput& out);
+  // Appends a sampled token to a sequence, checks stop conditions and answers.
+  void Accept(SequenceGroup* g, Sequence* s, const SampleResult& r);
+  void BeamStep(SequenceGroup* g, const std::vector<std::pair<Sequence*, float*>>& rows);
+  void FinishBeams(SequenceGroup* g);
+  void MaskedFor(const SequenceGroup& g, const Sequence& s, std::vector<int32_t>* out) const;
+  bool IsEos(const SequenceGroup& g, int32_t token) const;
+  void FailAll(const SchedulerOutput& out, const Status& status);
+  void AbortGroup(std::unique_ptr<SequenceGroup> g, const Status& status);
+  void FinishIfDone(SequenceGroup* g);
+  void PublishStats();
+  void Loop();
+
+  Backend& backend_;
+  EngineConfig config_;
+  int32_t vocab_;
+  std::unique_ptr<KvManager> kv_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::vector<std::unique_ptr<Sampler>> samplers_;  // one per sampling thread
+  DetokenizerFactory detok_factory_;
+  int32_t max_stop_len_ = 0;
+
+  // Loop-thread state.
+  ForwardBatch batch_;
+  std::vector<float> logits_;
+  std::vector<SequenceGroup*> finished_groups_;
+  uint64_t arrival_counter_ = 0;
+  int64_t prefill_tokens_ = 0, generated_tokens_ = 0, requests_finished_ = 0;
+
+  // The queue between client threads and the loop.
+  struct InboxItem {
+    std::unique_ptr<SequenceGroup> add;  // or, when null, a cancel of `cancel_id`
+    int64_t cancel_id = -1;
+  };
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<InboxItem> inbox_;
+  bool stopping_ = false;
+  bool stopped_ = false;
+  std::atomic<int64_t> next_id_{1};
+  std::atomic<uint64_t> seed_counter_{0};
+  uint64_t seed_base_;
+  std::thread loop_;
+  std::atomic<bool> loop_running_{false};
+  std::atomic<bool> has_work_{false};
+
+  mutable std::mutex stats_mu_;
+  EngineStats stats_;
+};
+
+}  // namespace qilin

@@ -1,0 +1,201 @@
+#include "tokenizer/unicode.h"
+
+#include <array>
+#include <cstdlib>
+#include <memory>
+
+#include <utf8proc.h>
+
+namespace qilin::tokenizer {
+namespace {
+
+CharClass ComputeClass(uint32_t cp) {
+  if (cp == '\r' || cp == '\n') return CharClass::kNewline;
+  // Oniguruma's \s: U+0009-000D, U+0085 and the separators Zs, Zl, Zp.
+  if ((cp >= 0x09 && cp <= 0x0D) || cp == 0x85) return CharClass::kSpace;
+  switch (utf8proc_category(static_cast<utf8proc_int32_t>(cp))) {
+    case UTF8PROC_CATEGORY_LU:
+    case UTF8PROC_CATEGORY_LL:
+    case UTF8PROC_CATEGORY_LT:
+    case UTF8PROC_CATEGORY_LM:
+    case UTF8PROC_CATEGORY_LO:
+      return CharClass::kLetter;
+    case UTF8PROC_CATEGORY_ND:
+    case UTF8PROC_CATEGORY_NL:
+    case UTF8PROC_CATEGORY_NO:
+      return CharClass::kNumber;
+    case UTF8PROC_CATEGORY_ZS:
+    case UTF8PROC_CATEGORY_ZL:
+    case UTF8PROC_CATEGORY_ZP:
+      return CharClass::kSpace;
+    default:
+      return CharClass::kOther;
+  }
+}
+
+// True when cp can never take part in an NFC change: no canonical decomposition, combining
+// class 0, not part of any canonical composition pair, not a conjoining Hangul jamo.
+bool ComputeNfcInert(uint32_t cp) {
+  if (cp < 0x300) return true;
+  if (cp >= 0x1100 && cp <= 0x11FF) return false;  // jamo compose algorithmically
+  const utf8proc_property_t* p = utf8proc_get_property(static_cast<utf8proc_int32_t>(cp));
+  if (p->combining_class != 0) return false;
+  if (p->decomp_seqindex != UINT16_MAX && p->decomp_type == 0) return false;
+  if (p->comb_index != UINT16_MAX) return false;
+  if (p->comp_exclusion) return false;
+  return true;
+}
+
+struct BmpTables {
+  std::array<CharClass, 0x10000> cls;
+  std::array<bool, 0x10000> nfc_inert;
+  BmpTables() {
+    for (uint32_t cp = 0; cp < 0x10000; ++cp) {
+      cls[cp] = ComputeClass(cp);
+      nfc_inert[cp] = ComputeNfcInert(cp);
+    }
+  }
+};
+
+const BmpTables& Tables() {
+  static const BmpTables* tables = new BmpTables();
+  return *tables;
+}
+
+}  // namespace
+
+CharClass ClassOf(uint32_t cp) {
+  if (cp < 0x10000) return Tables().cls[cp];
+  return ComputeClass(cp);
+}
+
+size_t FindInvalidUtf8(std::string_view s) {
+  const auto* p = reinterpret_cast<const uint8_t*>(s.data());
+  const auto* end = p + s.size();
+  const auto* begin = p;
+  while (p < end) {
+    if (*p < 0x80) {
+      ++p;
+      continue;
+    }
+    uint32_t cp;
+    size_t n = DecodeUtf8(p, end, &cp);
+    if (cp == 0xFFFD && n == 1) return static_cast<size_t>(p - begin);
+    p += n;
+  }
+  return std::string_view::npos;
+}
+
+Result<bool> NormalizeNfc(std::string_view text, std::string* out) {
+  const auto* p = reinterpret_cast<const uint8_t*>(text.data());
+  const auto* end = p + text.size();
+  const auto* begin = p;
+  const BmpTables& t = Tables();
+  bool inert = true;
+  while (p < end) {
+    if (*p < 0x80) {
+      ++p;
+      continue;
+    }
+    uint32_t cp;
+    size_t n = DecodeUtf8(p, end, &cp);
+    if (cp == 0xFFFD && n == 1) {
+      return InvalidArgument("text is not valid UTF-8: bad byte 0x{:02X} at byte offset {}", *p,
+                             p - begin);
+    }
+    p += n;
+    if (!(cp < 0x10000 ? t.nfc_inert[cp] : ComputeNfcInert(cp))) {
+      inert = false;
+      break;
+    }
+  }
+  if (inert) return false;
+  if (FindInvalidUtf8(text.substr(static_cast<size_t>(p - begin))) != std::string_view::npos) {
+    size_t off = static_cast<size_t>(p - begin) +
+                 FindInvalidUtf8(text.substr(static_cast<size_t>(p - begin)));
+    return InvalidArgument("text is not valid UTF-8: bad byte 0x{:02X} at byte offset {}",
+                           static_cast<uint8_t>(text[off]), off);
+  }
+  utf8proc_uint8_t* buf = nullptr;
+  utf8proc_ssize_t len =
+      utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(text.data()),
+                   static_cast<utf8proc_ssize_t>(text.size()), &buf,
+                   static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
+  if (len < 0) {
+    return InvalidArgument("NFC normalization failed: {}", utf8proc_errmsg(len));
+  }
+  std::unique_ptr<utf8proc_uint8_t, decltype(&std::free)> holder(buf, &std::free);
+  out->assign(reinterpret_cast<const char*>(buf), static_cast<size_t>(len));
+  return true;
+}
+
+void AppendUtf8(uint32_t cp, std::string* out) {
+  if (cp < 0x80) {
+    out->push_back(static_cast<char>(cp));
+  } else if (cp < 0x800) {
+    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else if (cp < 0x10000) {
+    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else {
+    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  }
+}
+
+size_t AppendUtf8Lossy(std::string_view bytes, bool hold_incomplete_tail, std::string* out) {
+  static constexpr char kReplacement[] = "\xEF\xBF\xBD";
+  const auto* s = reinterpret_cast<const uint8_t*>(bytes.data());
+  const size_t n = bytes.size();
+  size_t i = 0;
+  size_t run_start = 0;  // start of valid bytes not yet copied
+  while (i < n) {
+    uint8_t b0 = s[i];
+    if (b0 < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t width = 0;
+    uint8_t lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+    if (b0 >= 0xC2 && b0 <= 0xDF) {
+      width = 2;
+    } else if (b0 >= 0xE0 && b0 <= 0xEF) {
+      width = 3;
+      if (b0 == 0xE0) lo = 0xA0;
+      if (b0 == 0xED) hi = 0x9F;
+    } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+      width = 4;
+      if (b0 == 0xF0) lo = 0x90;
+      if (b0 == 0xF4) hi = 0x8F;
+    }
+    size_t k = 1;  // bytes of the longest valid prefix at i
+    if (width > 0) {
+      while (k < width && i + k < n) {
+        uint8_t b = s[i + k];
+        bool ok = (k == 1) ? (b >= lo && b <= hi) : (b >= 0x80 && b <= 0xBF);
+        if (!ok) break;
+        ++k;
+      }
+      if (k == width) {
+        i += k;
+        continue;
+      }
+      if (i + k == n && hold_incomplete_tail) {
+        out->append(bytes.data() + run_start, i - run_start);
+        return i;
+      }
+    }
+    out->append(bytes.data() + run_start, i - run_start);
+    out->append(kReplacement, 3);
+    i += k;
+    run_start = i;
+  }
+  out->append(bytes.data() + run_start, n - run_start);
+  return n;
+}
+
+}  // namespace qilin::tokenizer
