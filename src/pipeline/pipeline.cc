@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 
 #include <spdlog/spdlog.h>
 
@@ -30,6 +31,17 @@ class RequestDetokenizer : public IncrementalDetokenizer {
   }
   tokenizer::StreamDecoder decoder_;
 };
+
+int64_t MemAvailableBytes() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  int64_t kb = 0;
+  std::string unit;
+  while (f >> key >> kb >> unit) {
+    if (key == "MemAvailable:") return kb * 1024;
+  }
+  return -1;
+}
 
 }  // namespace
 
@@ -137,7 +149,19 @@ Result<std::unique_ptr<ModelPipeline>> ModelPipeline::Create(const std::string& 
   } else {
     QILIN_ASSIGN_OR_RETURN(weights, LoadModelWeights(p->config_, model_dir));
   }
-  QILIN_ASSIGN_OR_RETURN(p->backend_, MakeBackend(options.device, p->config_, std::move(weights)));
+  if (options.device == "auto") {
+    // A GPU when this build and machine have one, else the CPU.
+    Result<std::unique_ptr<Backend>> cuda = MakeBackend("cuda", p->config_, weights);
+    if (cuda.ok()) {
+      p->backend_ = std::move(cuda).value();
+    } else {
+      spdlog::info("device auto: no CUDA backend ({}); using the CPU", cuda.status().message());
+      QILIN_ASSIGN_OR_RETURN(p->backend_, MakeBackend("cpu", p->config_, std::move(weights)));
+    }
+  } else {
+    QILIN_ASSIGN_OR_RETURN(p->backend_,
+                           MakeBackend(options.device, p->config_, std::move(weights)));
+  }
 
   // eos: the union of generation_config.json's (the tokenizer's defaults) and config.json's.
   // Qwen2.5-Instruct, for one, says <|endoftext|> in config.json and adds <|im_end|> in
@@ -152,6 +176,18 @@ Result<std::unique_ptr<ModelPipeline>> ModelPipeline::Create(const std::string& 
             eos.end());
 
   EngineConfig ec = options.engine;
+  if (p->backend_->name() == "cpu" && ec.kv_cache_tokens == 0 &&
+      options.cpu_kv_cache_memory_fraction > 0) {
+    // Host memory is everyone's: the CPU pool takes a small share of what is available.
+    const int64_t avail = MemAvailableBytes();
+    const int64_t per_token = std::max<int64_t>(1, p->backend_->KvBytesPerToken());
+    if (avail > 0) {
+      const double frac =
+          std::min(ec.kv_cache_memory_fraction, options.cpu_kv_cache_memory_fraction);
+      ec.kv_cache_tokens = std::max<int64_t>(
+          ec.block_size, static_cast<int64_t>(static_cast<double>(avail) * frac / per_token));
+    }
+  }
   if (ec.eos_token_ids.empty()) ec.eos_token_ids = eos;
   const int64_t model_len = p->config_.MaxModelLen();
   if (ec.max_seq_len <= 0) {

@@ -33,11 +33,15 @@
 namespace qilin::pipeline {
 
 struct PipelineOptions {
-  std::string device = "cpu";     // "cpu" or "cuda" (MakeBackend decides what is available)
+  // "cpu", "cuda", or "auto": cuda where this build and machine have a GPU, else cpu.
+  std::string device = "cpu";
   EngineConfig engine;            // engine.max_seq_len 0: the model's MaxModelLen()
   std::string served_model_name;  // empty: the model folder's name
   int64_t max_model_len = 0;      // 0: from config.json (rope scaling included)
-  bool dummy_weights = false;     // random weights (for speed tests without a checkpoint)
+  // On the CPU backend (without engine.kv_cache_tokens) the KV pool takes at most this
+  // fraction of available host memory; 0: engine.kv_cache_memory_fraction alone.
+  double cpu_kv_cache_memory_fraction = 0.1;
+  bool dummy_weights = false;  // random weights (for speed tests without a checkpoint)
 };
 
 struct ModelInfo {
