@@ -19,9 +19,13 @@
 
 #include "cli/command.h"
 #include "pipeline/pipeline.h"
+#include "server/grpc_server.h"
 #include "server/http_server.h"
+#include "server/kserve_http.h"
 #include "server/metrics.h"
+#include "server/model_repository.h"
 #include "server/openai_api.h"
+#include "server/triton_models.h"
 
 namespace qilin::cli {
 namespace {
@@ -149,6 +153,35 @@ int RunServe(ServeOptions o) {
   if (!fs::is_directory(o.model_dir)) {
     throw Error(NotFound("MODEL_DIR '{}' is not a directory", o.model_dir));
   }
+  CheckPortFree(o.host, o.grpc_port, "--grpc-port");
+  // The serve argument: a Triton model repository (folders with config.pbtxt) or a checkpoint
+  // folder (config.json). A repository's tensorrt_llm parameters configure the engine.
+  server::ModelRepository repo;
+  const bool from_repo = server::IsModelRepository(o.model_dir);
+  if (from_repo) {
+    auto loaded = server::LoadModelRepository(o.model_dir);
+    if (!loaded.ok()) throw Error(loaded.status());
+    repo = std::move(loaded).value();
+    spdlog::info("serve: Triton model repository {} ({} models) serving {}", repo.dir,
+                 repo.models.size(), repo.settings.model_dir);
+    o.model_dir = repo.settings.model_dir;
+    if (!fs::exists(fs::path(o.model_dir) / "config.json")) {
+      throw Error(
+          NotFound("gpt_model_path '{}' of the repository has no config.json", o.model_dir));
+    }
+  } else if (!fs::exists(fs::path(o.model_dir) / "config.json")) {
+    throw Error(
+        NotFound("MODEL_DIR '{}' is neither a checkpoint (no config.json) nor a Triton "
+                 "model repository (no <model>/config.pbtxt)",
+                 o.model_dir));
+  } else {
+    server::RepoInitOptions ro;
+    ro.model_dir = o.model_dir;
+    ro.max_batch_size = o.max_batch_size;
+    auto built = server::BuildModelRepository(o.model_dir, server::MakeRepositoryModels(ro));
+    if (!built.ok()) throw Error(built.status());
+    repo = std::move(built).value();
+  }
 
   // Signals are taken by sigwait below: block them before any thread starts.
   sigset_t sigs;
@@ -195,6 +228,19 @@ int RunServe(ServeOptions o) {
   po.engine.kv_cache_memory_fraction = o.kv_cache_free_mem_fraction;
   po.engine.block_size = o.block_size;
   po.engine.enable_prefix_caching = !o.no_prefix_cache;
+  if (from_repo) {
+    const server::RepositorySettings& rs = repo.settings;
+    if (rs.max_batch_size > 0) po.engine.max_batch_size = rs.max_batch_size;
+    if (rs.max_tokens_in_paged_kv_cache > 0) {
+      po.engine.kv_cache_tokens = rs.max_tokens_in_paged_kv_cache;
+    }
+    po.engine.kv_cache_memory_fraction = rs.kv_cache_free_gpu_mem_fraction;
+    po.engine.mode = rs.inflight_batching ? BatchingMode::kInflight : BatchingMode::kStaticV1;
+    po.engine.policy = rs.guaranteed_no_evict ? CapacityPolicy::kGuaranteedNoEvict
+                                              : CapacityPolicy::kMaxUtilization;
+    po.engine.enable_prefix_caching = rs.enable_kv_cache_reuse && !o.no_prefix_cache;
+    po.engine.enable_chunked_prefill = rs.enable_chunked_context;
+  }
   auto start = std::chrono::steady_clock::now();
   Result<std::unique_ptr<pipeline::ModelPipeline>> made =
       pipeline::ModelPipeline::Create(o.model_dir, po);
@@ -248,6 +294,17 @@ int RunServe(ServeOptions o) {
       },
       false);
 
+  // Triton / KServe v2: the models of the repository, over gRPC (and /v2 on HTTP).
+  server::TritonModelsOptions tmo;
+  tmo.max_queued_requests =
+      repo.settings.max_queue_size > 0 ? 0 : int64_t{po.engine.max_batch_size} + o.max_queue;
+  server::TritonModels triton(&pipe->engine(), pipe->tokenizer_ptr(), repo, tmo);
+  server::RegisterKserveRoutes(&triton, &http.router());
+  server::GrpcServerOptions go;
+  go.host = o.host;
+  go.port = static_cast<uint16_t>(o.grpc_port);
+  server::GrpcServer grpc(&triton, go);
+
   if (Status s = http.Start(); !s.ok()) {
     throw Error(s.code() == StatusCode::kUnavailable &&
                         s.message().find("in use") != std::string::npos
@@ -265,8 +322,13 @@ int RunServe(ServeOptions o) {
                shown_host, http.port(), o.api_key.empty() ? "" : " [api key required]");
   spdlog::info("serve: health      http://{}:{}/v2/health/ready", shown_host, http.port());
   spdlog::info("serve: metrics     http://{}:{}/metrics", shown_host, metrics_http.port());
-  spdlog::info("serve: gRPC port {} is reserved (KServe v2 gRPC is not part of this build)",
-               o.grpc_port);
+  if (Status s = grpc.Start(); !s.ok()) throw Error(s);
+  spdlog::info("serve: KServe v2   grpc://{}:{} and http://{}:{}/v2 (models: {})", shown_host,
+               grpc.port(), shown_host, http.port(), [&] {
+                 std::vector<std::string> n;
+                 for (const auto& m : repo.models) n.push_back(m.name);
+                 return fmt::format("{}", fmt::join(n, ", "));
+               }());
   std::unique_lock<std::mutex> lock(sig_mu);
   serving = true;
   spdlog::info("serve: ready (Ctrl-C to stop)");
@@ -278,10 +340,12 @@ int RunServe(ServeOptions o) {
       "again to stop at once)",
       sig == SIGINT ? "SIGINT" : "SIGTERM", service.active(), o.shutdown_grace_ms);
   service.SetAccepting(false);
+  grpc.SetReady(false);
   http.StopAccepting();
   const auto deadline =
       std::chrono::steady_clock::now() + std::chrono::milliseconds(o.shutdown_grace_ms);
-  while (service.active() > 0 && std::chrono::steady_clock::now() < deadline) {
+  while ((service.active() > 0 || triton.in_flight() > 0) &&
+         std::chrono::steady_clock::now() < deadline) {
     {
       std::lock_guard<std::mutex> l(sig_mu);
       if (signals > 1) break;  // a second signal: stop now
@@ -295,6 +359,7 @@ int RunServe(ServeOptions o) {
   for (int i = 0; i < 40 && service.active() > 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(25));
   }
+  grpc.Stop();
   http.Stop();
   metrics_http.Stop();
   spdlog::info("serve: stopped");
