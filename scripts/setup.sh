@@ -11,8 +11,9 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libfmt-dev libspdlog-dev libcli11-dev
   libutf8proc-dev libpcre2-dev
+  libboost1.81-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
-  nodejs npm
+  nodejs npm curl prometheus
 )
 
 missing=()
@@ -25,6 +26,11 @@ if ((${#missing[@]})); then
   [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The e2e suite's node packages (the official openai SDK), pinned by package-lock.json.
+if [ ! -d tests/e2e/node_modules/openai ]; then
+  (cd tests/e2e && npm ci --no-audit --no-fund --silent) || echo "setup: npm ci in tests/e2e failed"
 fi
 
 [ "${1:-}" = "--deps" ] && exit 0
