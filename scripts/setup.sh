@@ -11,10 +11,15 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libfmt-dev libspdlog-dev libcli11-dev
   libutf8proc-dev libpcre2-dev
+  clang libclang-rt-14-dev libomp-dev
   libboost1.81-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
-  nodejs npm curl prometheus
+  curl prometheus
 )
+# Node.js + npm (end-to-end tests with real client SDKs): any install will do; Debian's packages
+# only where none is present (a machine may carry a newer Node.js that conflicts with Debian's npm).
+command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs)
+command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

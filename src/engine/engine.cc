@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <random>
 
@@ -25,6 +26,12 @@ const char* FinishReasonName(FinishReason reason) {
 }
 
 namespace {
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 Status ValidateParams(const SamplingParams& p, int32_t vocab) {
   if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature)) {
@@ -103,13 +110,13 @@ Result<std::unique_ptr<Engine>> Engine::Create(Backend& backend, const EngineCon
   if (c.max_num_tokens < 1) {
     return InvalidArgument("max_num_tokens {} must be >= 1", c.max_num_tokens);
   }
-  if (c.max_seq_len <= 0) c.max_seq_len = static_cast<int32_t>(mc.max_position_embeddings);
+  if (c.max_seq_len <= 0) c.max_seq_len = static_cast<int32_t>(mc.MaxModelLen());
   if (c.max_seq_len <= 0) {
     return InvalidArgument("max_seq_len is unset and the model has no max_position_embeddings");
   }
-  if (mc.max_position_embeddings > 0 && c.max_seq_len > mc.max_position_embeddings) {
-    return InvalidArgument("max_seq_len {} is over the model's max_position_embeddings {}",
-                           c.max_seq_len, mc.max_position_embeddings);
+  if (c.max_seq_len > mc.MaxModelLen()) {
+    return InvalidArgument("max_seq_len {} is over the model's maximum length {}", c.max_seq_len,
+                           mc.MaxModelLen());
   }
   if (mc.vocab_size <= 0) return InvalidArgument("model vocab_size {} is invalid", mc.vocab_size);
   if (c.eos_token_ids.empty()) {
@@ -299,18 +306,20 @@ void Engine::BuildBatch(const SchedulerOutput& out) {
 }
 
 Status Engine::Step() {
+  const int64_t t0 = NowNs();
   DrainInbox();
   SchedulerOutput out = scheduler_->Schedule();
   if (out.empty()) {
     PublishStats();
     return Status::Ok();
   }
+  BuildBatch(out);
+  const int64_t t1 = NowNs();
+  schedule_ns_ += t1 - t0;
   Status st;
   if (!out.copies.empty()) st = backend_.CopyKvBlocks(out.copies);
-  if (st.ok()) {
-    BuildBatch(out);
-    st = backend_.Forward(batch_, &logits_);
-  }
+  if (st.ok()) st = backend_.Forward(batch_, &logits_);
+  forward_ns_ += NowNs() - t1;
   if (st.ok() && logits_.size() != batch_.logits_indices.size() * static_cast<size_t>(vocab_)) {
     st = Internal("backend {} returned {} logits, expected {} rows x vocab {}", backend_.name(),
                   logits_.size(), batch_.logits_indices.size(), vocab_);
@@ -361,6 +370,7 @@ void Engine::MaskedFor(const SequenceGroup& g, const Sequence& s, std::vector<in
 }
 
 void Engine::ProcessOutputs(const SchedulerOutput& out) {
+  const int64_t t_start = NowNs();
   // 1. Cache state: the computed tokens' K/V are now in their blocks.
   struct Row {
     SequenceGroup* g;
@@ -400,6 +410,9 @@ void Engine::ProcessOutputs(const SchedulerOutput& out) {
                       row.s->index};
     results[i] = samplers_[omp_get_thread_num()]->Sample(row.logits, ctx);
   }
+
+  const int64_t t_sampled = NowNs();
+  sample_ns_ += t_sampled - t_start;
 
   // 3. Accept tokens in order; forks and beams here too.
   Sampler& sampler = *samplers_[0];
@@ -444,6 +457,7 @@ void Engine::ProcessOutputs(const SchedulerOutput& out) {
     ++requests_finished_;
   }
   finished_groups_.clear();
+  output_ns_ += NowNs() - t_sampled;
 }
 
 void Engine::Accept(SequenceGroup* g, Sequence* s, const SampleResult& r) {
@@ -622,6 +636,11 @@ void Engine::FinishBeams(SequenceGroup* g) {
       r.token_ids = h[i].tokens;
       r.cumulative_logprob = h[i].cumulative_logprob;
       r.finish_reason = h[i].reason;
+      if (detok_factory_) {
+        std::unique_ptr<IncrementalDetokenizer> d = detok_factory_(g->request.prompt);
+        for (int32_t t : r.token_ids) r.text += d->Push(t);
+        r.text += d->Flush();
+      }
     } else {
       r.finish_reason = FinishReason::kLength;  // fewer hypotheses than outputs
     }
@@ -650,6 +669,10 @@ void Engine::PublishStats() {
   st.steps = scheduler_->stats().num_steps;
   st.preemptions = scheduler_->stats().num_preemptions;
   st.requests_finished = requests_finished_;
+  st.schedule_ns = schedule_ns_;
+  st.forward_ns = forward_ns_;
+  st.sample_ns = sample_ns_;
+  st.output_ns = output_ns_;
   has_work_.store(scheduler_->has_work());
   std::lock_guard<std::mutex> lock(stats_mu_);
   stats_ = st;

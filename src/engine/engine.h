@@ -26,7 +26,7 @@ namespace qilin {
 struct EngineConfig {
   int32_t max_batch_size = 256;   // sequences running at once
   int32_t max_num_tokens = 8192;  // tokens per step, prefill chunks and decodes together
-  int32_t max_seq_len = 0;        // prompt + output; 0: the model's max_position_embeddings
+  int32_t max_seq_len = 0;        // prompt + output; 0: ModelConfig::MaxModelLen()
   bool enable_chunked_prefill = true;
   BatchingMode mode = BatchingMode::kInflight;
   CapacityPolicy policy = CapacityPolicy::kMaxUtilization;
@@ -57,6 +57,12 @@ struct EngineStats {
   int64_t steps = 0;
   int64_t preemptions = 0;
   int64_t requests_finished = 0;
+  // Host time spent per phase over all steps (nanoseconds): scheduling + batch building, the
+  // backend (copies + forward), sampling, and stop checks + responses.
+  int64_t schedule_ns = 0;
+  int64_t forward_ns = 0;
+  int64_t sample_ns = 0;
+  int64_t output_ns = 0;
   double prefix_cache_hit_rate() const {
     return prefix_cache_queries ? static_cast<double>(prefix_cache_hits) / prefix_cache_queries
                                 : 0.0;
@@ -140,6 +146,7 @@ class Engine {
   std::vector<SequenceGroup*> finished_groups_;
   uint64_t arrival_counter_ = 0;
   int64_t prefill_tokens_ = 0, generated_tokens_ = 0, requests_finished_ = 0;
+  int64_t schedule_ns_ = 0, forward_ns_ = 0, sample_ns_ = 0, output_ns_ = 0;
 
   // The queue between client threads and the loop.
   struct InboxItem {

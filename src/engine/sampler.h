@@ -51,6 +51,8 @@ class Sampler {
 
  private:
   int32_t SampleFiltered(float* logits, const SampleContext& ctx, uint64_t counter);
+  int32_t SampleNucleus(const float* logits, double m, double inv_t, double total, double u,
+                        const SamplingParams& p);
 
   int32_t vocab_;
   // Scratch, reused across calls.
@@ -59,6 +61,9 @@ class Sampler {
   std::vector<std::pair<float, int32_t>> cand_;
   std::vector<int32_t> counts_token_;
   std::vector<int32_t> counts_;
+  std::vector<int32_t> bin_start_, bin_of_, order_;
+  std::vector<double> bin_mass_;
+  std::vector<char> bin_sorted_;
 };
 
 }  // namespace qilin

@@ -1,6 +1,8 @@
 // MakeDummyWeights: random weights for any config, for speed tests without a checkpoint.
 // Values come from a counter-based generator (a hash of seed, tensor and element index), so they
 // are the same for any thread count; normals come from a 64K-entry inverse-CDF table.
+#include <sys/mman.h>
+
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -40,6 +42,25 @@ const std::vector<float>& NormalQuantiles() {
   return table;
 }
 
+// A zeroed buffer for a tensor. Large ones are anonymous mappings advised to use transparent huge
+// pages: filling 15 GB (Qwen2.5-7B) through 4 KB pages took 3.7 M page faults, about a minute on a
+// virtual machine where each fault costs ~15 us; with 2 MB pages it is 7,500.
+std::shared_ptr<uint8_t> AllocateTensor(size_t bytes) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  if (bytes >= 2 * kHuge) {
+    const size_t len = (bytes + kHuge - 1) / kHuge * kHuge + kHuge;  // room to align to 2 MB
+    void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base != MAP_FAILED) {
+      const uintptr_t b = reinterpret_cast<uintptr_t>(base);
+      uint8_t* aligned = reinterpret_cast<uint8_t*>((b + kHuge - 1) / kHuge * kHuge);
+      madvise(aligned, len - (aligned - static_cast<uint8_t*>(base)), MADV_HUGEPAGE);
+      return std::shared_ptr<uint8_t>(aligned, [base, len](uint8_t*) { munmap(base, len); });
+    }
+  }
+  return std::shared_ptr<uint8_t>(new uint8_t[bytes > 0 ? bytes : 1],
+                                  std::default_delete<uint8_t[]>());
+}
+
 inline uint64_t Mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
@@ -60,7 +81,7 @@ struct Builder {
     t.name = std::move(name);
     const int64_t n = t.numel();
     const size_t bytes = static_cast<size_t>(n) * DTypeSize(dtype);
-    std::shared_ptr<uint8_t[]> buf(new uint8_t[bytes > 0 ? bytes : 1]);
+    std::shared_ptr<uint8_t> buf = AllocateTensor(bytes);
     Fill(buf.get(), n, mean, stddev, next_id++);
     t.data = buf.get();
     storage.push_back(std::shared_ptr<const void>(buf, buf.get()));
@@ -68,30 +89,39 @@ struct Builder {
   }
 
   void Fill(uint8_t* out, int64_t n, float mean, float stddev, uint64_t id) const {
+    switch (dtype) {
+      case DType::kF32:
+        return FillAs(reinterpret_cast<float*>(out), n, mean, stddev, id,
+                      [](float v) { return v; });
+      case DType::kF16:
+        return FillAs(reinterpret_cast<uint16_t*>(out), n, mean, stddev, id,
+                      [](float v) { return F32ToF16(v); });
+      default:  // values are finite: round to nearest even without the NaN case
+        return FillAs(reinterpret_cast<uint16_t*>(out), n, mean, stddev, id, [](float v) {
+          uint32_t bits;
+          std::memcpy(&bits, &v, 4);
+          return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+        });
+    }
+  }
+
+  // Four values per 64-bit hash (16 bits each index the quantile table).
+  template <typename T, typename Convert>
+  void FillAs(T* out, int64_t n, float mean, float stddev, uint64_t id, Convert convert) const {
     const float* table = NormalQuantiles().data();
     const uint64_t key = Mix64(seed ^ 0x9e3779b97f4a7c15ULL) ^ Mix64(id * 0xd1b54a32d192ed03ULL);
-    const int64_t groups = (n + 3) / 4;
-    const DType dt = dtype;
+    const int64_t full = n / 4;
 #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < groups; ++g) {
-      uint64_t h = Mix64(key + static_cast<uint64_t>(g));
-      const int64_t end = std::min<int64_t>(4, n - g * 4);
-      for (int64_t j = 0; j < end; ++j, h >>= 16) {
-        const float v = mean + stddev * table[h & (kTableSize - 1)];
-        const int64_t i = g * 4 + j;
-        switch (dt) {
-          case DType::kF32:
-            reinterpret_cast<float*>(out)[i] = v;
-            break;
-          case DType::kF16:
-            reinterpret_cast<uint16_t*>(out)[i] = F32ToF16(v);
-            break;
-          default:
-            reinterpret_cast<uint16_t*>(out)[i] = F32ToBf16(v);
-            break;
-        }
-      }
+    for (int64_t g = 0; g < full; ++g) {
+      const uint64_t h = Mix64(key + static_cast<uint64_t>(g));
+      out[g * 4 + 0] = convert(mean + stddev * table[h & 0xffff]);
+      out[g * 4 + 1] = convert(mean + stddev * table[(h >> 16) & 0xffff]);
+      out[g * 4 + 2] = convert(mean + stddev * table[(h >> 32) & 0xffff]);
+      out[g * 4 + 3] = convert(mean + stddev * table[h >> 48]);
     }
+    uint64_t h = Mix64(key + static_cast<uint64_t>(full));
+    for (int64_t i = full * 4; i < n; ++i, h >>= 16)
+      out[i] = convert(mean + stddev * table[h & 0xffff]);
   }
 };
 

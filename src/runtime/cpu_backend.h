@@ -34,6 +34,13 @@ class CpuBackend : public Backend {
   // Checks a batch against the model and the KV pool; InvalidArgument names the field and value.
   Status ValidateBatch(const ForwardBatch& batch) const;
 
+  // A step's layers use min(OpenMP max threads, work / this) threads, where work is the
+  // multiply-adds between two barriers; the lm_head likewise. Default 128K (a barrier costs about
+  // a microsecond on idle cores, much more on shared ones). 0 always uses every thread (tests use
+  // it to run the multi-thread splits on tiny models).
+  static constexpr int64_t kDefaultMinMacsPerThread = 1 << 17;
+  void set_min_macs_per_thread(int64_t macs) { min_macs_per_thread_ = macs; }
+
  private:
   CpuBackend(const ModelConfig& config, ModelWeights weights);
   // cos/sin [num_tokens, head_dim / 2] for the batch's positions.
@@ -45,9 +52,18 @@ class CpuBackend : public Backend {
   int64_t num_slots_ = 0;
   std::vector<std::vector<float>> k_cache_, v_cache_;  // per layer [slots, kv_size]
   cpu::RopeFreqs base_freqs_;  // frequencies when they do not depend on the sequence
+  int64_t min_macs_per_thread_ = kDefaultMinMacsPerThread;
 
-  // Activations, reused across steps.
-  std::vector<float> x_, h_, q_, k_, v_, attn_, gate_, up_, rope_cos_, rope_sin_, rows_;
+  // Threads for the layers of a step of `num_tokens` tokens (1 when the work is too small to
+  // pay for the barriers).
+  int LayerThreads(int64_t num_tokens) const;
+  int ThreadsFor(int64_t macs_per_barrier) const;
+
+  // Activations, reused across steps. Shared: q, k, v, attn, gate, up (each thread writes its own
+  // columns). Per thread: x (the residual stream, replicated), h (normed input) and the partial
+  // sums of o_proj and down_proj (two buffers, alternating, so one barrier per reduction).
+  std::vector<float> q_, k_, v_, attn_, gate_, up_, rope_cos_, rope_sin_, logn_;
+  std::vector<std::vector<float>> x_, h_, partial_[2];
 };
 
 }  // namespace qilin

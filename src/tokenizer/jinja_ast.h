@@ -37,6 +37,7 @@ struct Expr {
   enum class LitKind { kNone, kBool, kInt, kFloat, kString };
   Kind kind;
   int line = 0;
+  int depth = 1;  // height of this subtree (bounded by the parser: evaluation recurses on it)
   LitKind lit = LitKind::kNone;
   bool b = false;
   int64_t i = 0;

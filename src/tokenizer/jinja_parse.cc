@@ -1,6 +1,7 @@
 // Jinja subset: template text -> syntax tree. Lexing works per tag: the template is split into
 // text / {{ }} / {% %} / {# #} segments (whitespace control applied), then each tag's content is
 // tokenized and parsed by recursive descent with Jinja2's operator precedence.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -11,7 +12,8 @@
 namespace qilin::tokenizer::jinja {
 namespace {
 
-constexpr int kMaxDepth = 200;  // nesting of blocks and expressions (bounds recursion)
+constexpr int kMaxDepth = 200;       // nesting of blocks and parser recursion
+constexpr int kMaxExprHeight = 256;  // height of an expression tree (bounds evaluation)
 
 [[noreturn]] void Fail(int line, const std::string& msg) {
   throw JinjaError(fmt::format("line {}: {}", line, msg));
@@ -351,7 +353,7 @@ class ExprParser {
       if (AtEnd() || IsOp(")")) break;
       t->items.push_back(CondExpr());
     }
-    return t;
+    return Done(std::move(t));
   }
 
   ExprPtr CondExpr() {
@@ -366,7 +368,7 @@ class ExprParser {
         ++p_;
         c->c = CondExpr();
       }
-      e = std::move(c);
+      e = Done(std::move(c));
     }
     return e;
   }
@@ -382,6 +384,25 @@ class ExprParser {
     ExprParser* p;
   };
 
+  // Sets e's height from its children; a tree too tall would overflow the evaluator's stack.
+  ExprPtr Done(ExprPtr e) {
+    int d = 0;
+    auto see = [&](const ExprPtr& c) {
+      if (c) d = std::max(d, c->depth);
+    };
+    see(e->a);
+    see(e->b2);
+    see(e->c);
+    for (const auto& x : e->items) see(x);
+    for (const auto& kv : e->kwargs) see(kv.second);
+    e->depth = d + 1;
+    if (e->depth > kMaxExprHeight) {
+      Fail(line_,
+           fmt::format("expression nested too deeply (more than {} levels)", kMaxExprHeight));
+    }
+    return e;
+  }
+
   ExprPtr Make(Expr::Kind k) {
     auto e = std::make_unique<Expr>();
     e->kind = k;
@@ -393,7 +414,7 @@ class ExprParser {
     e->str = std::move(op);
     e->a = std::move(a);
     e->b2 = std::move(b);
-    return e;
+    return Done(std::move(e));
   }
   ExprPtr Or() {
     ExprPtr e = And();
@@ -418,7 +439,7 @@ class ExprParser {
       auto e = Make(Expr::Kind::kUnary);
       e->str = "not";
       e->a = Not();
-      return e;
+      return Done(std::move(e));
     }
     return Compare();
   }
@@ -481,7 +502,7 @@ class ExprParser {
       auto e = Make(Expr::Kind::kUnary);
       e->str = t_[p_++].text;
       e->a = Unary();
-      return FilterTail(std::move(e));
+      return FilterTail(Done(std::move(e)));
     }
     return FilterTail(Postfix(Primary()));
   }
@@ -512,12 +533,12 @@ class ExprParser {
           lit->i = t_[p_++].i;
           idx->a = std::move(e);
           idx->b2 = std::move(lit);
-          e = std::move(idx);
+          e = Done(std::move(idx));
           continue;
         }
         a->str = Name();
         a->a = std::move(e);
-        e = std::move(a);
+        e = Done(std::move(a));
       } else if (IsOp("[")) {
         ++p_;
         ExprPtr parts[3];
@@ -538,19 +559,19 @@ class ExprParser {
           auto s = Make(Expr::Kind::kSlice);
           s->a = std::move(e);
           for (int k = 0; k < 3; ++k) s->items.push_back(std::move(parts[k]));
-          e = std::move(s);
+          e = Done(std::move(s));
         } else {
           if (!parts[0]) Fail(line_, "empty subscript []");
           auto s = Make(Expr::Kind::kIndex);
           s->a = std::move(e);
           s->b2 = std::move(parts[0]);
-          e = std::move(s);
+          e = Done(std::move(s));
         }
       } else if (IsOp("(")) {
         auto c = Make(Expr::Kind::kCall);
         c->a = std::move(e);
         Args(c.get());
-        e = std::move(c);
+        e = Done(std::move(c));
       } else {
         return e;
       }
@@ -567,7 +588,7 @@ class ExprParser {
         }
         f->a = std::move(e);
         if (IsOp("(")) Args(f.get());
-        e = std::move(f);
+        e = Done(std::move(f));
       } else if (IsName("is")) {
         ++p_;
         auto t = Make(Expr::Kind::kTest);
@@ -586,7 +607,7 @@ class ExprParser {
                     !IsName("is"))) {
           t->items.push_back(Postfix(Primary()));  // "is sameas false", "is divisibleby 3"
         }
-        e = std::move(t);
+        e = Done(std::move(t));
       } else {
         return e;
       }
@@ -645,7 +666,7 @@ class ExprParser {
         ++p_;
       }
       Expect("]");
-      return e;
+      return Done(std::move(e));
     }
     if (IsOp("{")) {
       ++p_;
@@ -658,7 +679,7 @@ class ExprParser {
         ++p_;
       }
       Expect("}");
-      return e;
+      return Done(std::move(e));
     }
     Fail(line_, fmt::format("unexpected '{}'", t.text));
   }

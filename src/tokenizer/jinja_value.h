@@ -2,9 +2,11 @@
 // shared references, dicts keep insertion order).
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -29,6 +31,7 @@ struct Value {
   std::shared_ptr<Dict> dict;
   std::shared_ptr<Func> fn;
   bool is_namespace = false;
+  int depth = 0;  // nesting of lists/dicts (bounded: deep values would overflow the stack)
 
   static Value None() { return Make(T::kNone); }
   static Value Bool(bool v) {
@@ -53,6 +56,9 @@ struct Value {
   }
   static Value MakeList(List items = {}) {
     Value x = Make(T::kList);
+    int d = 0;
+    for (const auto& v : items) d = v.depth > d ? v.depth : d;
+    x.depth = d + 1;
     x.list = std::make_shared<List>(std::move(items));
     return x;
   }
@@ -99,5 +105,33 @@ inline Value Value::MakeDict() {
   x.dict = std::make_shared<Dict>();
   return x;
 }
+
+// ---- helpers shared by the evaluator (jinja_value.cc): Python semantics ----
+constexpr int kMaxValueDepth = 256;  // nesting of lists/dicts (bounds recursion)
+[[noreturn]] void Fail(int line, const std::string& msg);
+const char* TypeName(const Value& v);
+Value& Nest(Value& v, int line);
+Value FromJson(const nlohmann::ordered_json& j, int depth = 0);
+nlohmann::ordered_json ToJsonValue(const Value& v, int line, int depth = 0);
+void DumpJson(const nlohmann::ordered_json& j, int indent, int depth, std::string* out);
+std::string Str(const Value& v);     // str(v) as Jinja2 prints it
+std::string PyRepr(const Value& v);  // repr(v)
+bool Truthy(const Value& v);
+double AsDouble(const Value& v);
+int64_t AsInt(const Value& v);
+bool Equal(const Value& a, const Value& b);
+int Compare(const Value& a, const Value& b, int line, const std::string& op);
+std::vector<std::string_view> Chars(const std::string& s);  // code points of UTF-8 text
+int64_t CharCount(const std::string& s);
+std::string Strip(const std::string& s, const Value* chars, bool left, bool right);
+Value Split(const std::string& s, const Value* sep, int64_t maxsplit, int line);
+std::string Replace(const std::string& s, const std::string& from, const std::string& to,
+                    int64_t count);
+std::string Capitalize(const std::string& s);
+std::string Title(const std::string& s);
+std::string Upper(std::string s);
+std::string Lower(std::string s);
+void SliceIndices(int64_t len, const Value* start, const Value* stop, const Value* step,
+                  int64_t* out_start, int64_t* out_stop, int64_t* out_step, int line);
 
 }  // namespace qilin::tokenizer::jinja

@@ -7,7 +7,10 @@ namespace qilin::tokenizer {
 
 StreamDecoder::StreamDecoder(std::shared_ptr<const Tokenizer> tokenizer, Options options)
     : tok_(std::move(tokenizer)), opts_(std::move(options)) {
-  std::erase_if(opts_.stop, [](const std::string& s) { return s.empty(); });
+  // Empty or invalid UTF-8 stop strings can never match decoded text at a character boundary.
+  std::erase_if(opts_.stop, [](const std::string& s) {
+    return s.empty() || FindInvalidUtf8(s) != std::string_view::npos;
+  });
   for (const auto& s : opts_.stop) max_stop_ = std::max(max_stop_, s.size());
 }
 

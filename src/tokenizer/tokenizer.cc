@@ -1,13 +1,12 @@
 #include "tokenizer/tokenizer.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "tokenizer/pretokenizer.h"
 #include "tokenizer/unicode.h"
@@ -218,6 +217,12 @@ Result<std::shared_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(const std::strin
   if (model.contains("dropout") && model["dropout"].is_number() &&
       model["dropout"].get<double>() > 0) {
     return Unimplemented("{}: BPE dropout is not supported", path);
+  }
+  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
+    if (model.contains(key) && model[key].is_string() && !model[key].get<std::string>().empty()) {
+      return Unimplemented("{}: BPE {} \"{}\" is not supported", path, key,
+                           model[key].get<std::string>());
+    }
   }
   tok->whole_piece_lookup_ = model.value("ignore_merges", false);
   if (!model.contains("vocab") || !model["vocab"].is_object()) return bad("model.vocab missing");
@@ -446,6 +451,10 @@ void Tokenizer::EncodeNormalized(std::string_view text, std::vector<TokenId>* ou
 
 Status Tokenizer::EncodeOrdinary(std::string_view text, std::vector<TokenId>* out) const {
   if (text.empty()) return Status::Ok();
+  if (text.size() > (uint32_t{1} << 31)) {  // pre-tokenizer offsets are 32-bit
+    return OutOfRange("text of {} bytes is longer than the 2 GiB a single encode handles",
+                      text.size());
+  }
   if (nfc_) {
     thread_local std::string normalized;
     QILIN_ASSIGN_OR_RETURN(bool changed, NormalizeNfc(text, &normalized));
@@ -487,7 +496,9 @@ Result<std::vector<std::vector<TokenId>>> Tokenizer::EncodeBatch(
     const std::vector<std::string>& texts, bool allow_special, int num_threads) const {
   std::vector<std::vector<TokenId>> out(texts.size());
   std::vector<Status> errors(texts.size());
-  int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  int threads = num_threads > 0
+                    ? num_threads
+                    : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const long n = static_cast<long>(texts.size());
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (long i = 0; i < n; ++i) {

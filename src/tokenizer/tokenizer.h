@@ -5,7 +5,9 @@
 //   QILIN_ASSIGN_OR_RETURN(auto tok, Tokenizer::Load("models/Qwen3-0.6B"));
 //   QILIN_ASSIGN_OR_RETURN(std::string prompt, tok->chat_template().Render(messages, {}));
 //   QILIN_ASSIGN_OR_RETURN(std::vector<TokenId> ids, tok->Encode(prompt));
-//   StreamDecoder dec(tok, {.skip_special_tokens = true, .stop = {"\n\n"}});
+//   StreamDecoder::Options opts;  // skips special tokens by default
+//   opts.stop = {"\n\n"};
+//   StreamDecoder dec(tok, opts);
 //   for (TokenId id : generated) out += dec.Push(id).value();  out += dec.Finish();
 //
 // Thread safety: a loaded Tokenizer is immutable; Encode/Decode/Render may run on any number of
@@ -158,7 +160,8 @@ class StreamDecoder {
  public:
   struct Options {
     bool skip_special_tokens = true;
-    std::vector<std::string> stop;  // stop strings, matched across token boundaries
+    // Stop strings, matched across token boundaries (empty or invalid UTF-8 ones never match).
+    std::vector<std::string> stop;
     bool include_stop_str_in_output = false;
   };
   StreamDecoder(std::shared_ptr<const Tokenizer> tokenizer, Options options);

@@ -57,17 +57,15 @@ struct BmpTables {
   }
 };
 
-const BmpTables& Tables() {
-  static const BmpTables* tables = new BmpTables();
-  return *tables;
-}
+// Built during static initialization (about 1 ms); never destroyed.
+const BmpTables* const g_tables = new BmpTables();
+const BmpTables& Tables() { return *g_tables; }
 
 }  // namespace
 
-CharClass ClassOf(uint32_t cp) {
-  if (cp < 0x10000) return Tables().cls[cp];
-  return ComputeClass(cp);
-}
+const CharClass* const kBmpClass = g_tables->cls.data();
+
+CharClass ClassOfSlow(uint32_t cp) { return ComputeClass(cp); }
 
 size_t FindInvalidUtf8(std::string_view s) {
   const auto* p = reinterpret_cast<const uint8_t*>(s.data());
@@ -86,46 +84,78 @@ size_t FindInvalidUtf8(std::string_view s) {
   return std::string_view::npos;
 }
 
+namespace {
+
+Status InvalidAt(std::string_view text, size_t off) {
+  return InvalidArgument("text is not valid UTF-8: bad byte 0x{:02X} at byte offset {}",
+                         static_cast<uint8_t>(text[off]), off);
+}
+
+Status AppendNfc(std::string_view span, std::string* out) {
+  utf8proc_uint8_t* buf = nullptr;
+  utf8proc_ssize_t len =
+      utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(span.data()),
+                   static_cast<utf8proc_ssize_t>(span.size()), &buf,
+                   static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
+  if (len < 0) return InvalidArgument("NFC normalization failed: {}", utf8proc_errmsg(len));
+  std::unique_ptr<utf8proc_uint8_t, decltype(&std::free)> holder(buf, &std::free);
+  out->append(reinterpret_cast<const char*>(buf), static_cast<size_t>(len));
+  return Status::Ok();
+}
+
+}  // namespace
+
+// Text splits safely before any NFC-inert code point (a starter that composes with nothing
+// before it and decomposes to nothing), so only the spans from the inert code point before a
+// non-inert run to the next inert one go through utf8proc.
 Result<bool> NormalizeNfc(std::string_view text, std::string* out) {
-  const auto* p = reinterpret_cast<const uint8_t*>(text.data());
-  const auto* end = p + text.size();
-  const auto* begin = p;
+  const auto* begin = reinterpret_cast<const uint8_t*>(text.data());
+  const auto* end = begin + text.size();
   const BmpTables& t = Tables();
-  bool inert = true;
+  const uint8_t* p = begin;
+  const uint8_t* last_inert = begin;  // start of the last inert code point seen
+  const uint8_t* copied = begin;      // text before this is in out
+  bool changed = false;
   while (p < end) {
     if (*p < 0x80) {
-      ++p;
+      last_inert = p++;
       continue;
     }
     uint32_t cp;
     size_t n = DecodeUtf8(p, end, &cp);
-    if (cp == 0xFFFD && n == 1) {
-      return InvalidArgument("text is not valid UTF-8: bad byte 0x{:02X} at byte offset {}", *p,
-                             p - begin);
+    if (cp == 0xFFFD && n == 1) return InvalidAt(text, static_cast<size_t>(p - begin));
+    if (cp < 0x10000 ? t.nfc_inert[cp] : ComputeNfcInert(cp)) {
+      last_inert = p;
+      p += n;
+      continue;
     }
-    p += n;
-    if (!(cp < 0x10000 ? t.nfc_inert[cp] : ComputeNfcInert(cp))) {
-      inert = false;
-      break;
+    // A non-inert run: extend to the next inert code point (or the end).
+    const uint8_t* span_start = last_inert;
+    const uint8_t* q = p + n;
+    while (q < end) {
+      if (*q < 0x80) break;
+      uint32_t c2;
+      size_t n2 = DecodeUtf8(q, end, &c2);
+      if (c2 == 0xFFFD && n2 == 1) return InvalidAt(text, static_cast<size_t>(q - begin));
+      if (c2 < 0x10000 ? t.nfc_inert[c2] : ComputeNfcInert(c2)) break;
+      q += n2;
     }
+    if (!changed) {
+      out->clear();
+      out->reserve(text.size() + 16);
+      changed = true;
+    }
+    if (span_start < copied) span_start = copied;
+    out->append(reinterpret_cast<const char*>(copied), static_cast<size_t>(span_start - copied));
+    QILIN_RETURN_IF_ERROR(AppendNfc(std::string_view(reinterpret_cast<const char*>(span_start),
+                                                     static_cast<size_t>(q - span_start)),
+                                    out));
+    copied = q;
+    p = q;
+    last_inert = q;
   }
-  if (inert) return false;
-  if (FindInvalidUtf8(text.substr(static_cast<size_t>(p - begin))) != std::string_view::npos) {
-    size_t off = static_cast<size_t>(p - begin) +
-                 FindInvalidUtf8(text.substr(static_cast<size_t>(p - begin)));
-    return InvalidArgument("text is not valid UTF-8: bad byte 0x{:02X} at byte offset {}",
-                           static_cast<uint8_t>(text[off]), off);
-  }
-  utf8proc_uint8_t* buf = nullptr;
-  utf8proc_ssize_t len =
-      utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(text.data()),
-                   static_cast<utf8proc_ssize_t>(text.size()), &buf,
-                   static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
-  if (len < 0) {
-    return InvalidArgument("NFC normalization failed: {}", utf8proc_errmsg(len));
-  }
-  std::unique_ptr<utf8proc_uint8_t, decltype(&std::free)> holder(buf, &std::free);
-  out->assign(reinterpret_cast<const char*>(buf), static_cast<size_t>(len));
+  if (!changed) return false;
+  out->append(reinterpret_cast<const char*>(copied), static_cast<size_t>(end - copied));
   return true;
 }
 

@@ -18,7 +18,7 @@ namespace qilin::tokenizer {
 //   (U+0009-000D, U+0085, Zs, Zl, Zp); kOther: everything else.
 enum class CharClass : uint8_t { kOther = 0, kLetter, kNumber, kSpace, kNewline };
 
-CharClass ClassOf(uint32_t cp);
+inline CharClass ClassOf(uint32_t cp);
 
 // Decodes one code point at p (p < end). Invalid or truncated UTF-8 decodes as one byte with
 // cp = 0xFFFD so that callers never read past end. Returns the byte length (>= 1).
@@ -41,6 +41,10 @@ size_t AppendUtf8Lossy(std::string_view bytes, bool hold_incomplete_tail, std::s
 void AppendUtf8(uint32_t cp, std::string* out);
 
 // ---- inline ----
+extern const CharClass* const kBmpClass;  // classes of U+0000..U+FFFF
+CharClass ClassOfSlow(uint32_t cp);
+inline CharClass ClassOf(uint32_t cp) { return cp < 0x10000 ? kBmpClass[cp] : ClassOfSlow(cp); }
+
 inline size_t DecodeUtf8(const uint8_t* p, const uint8_t* end, uint32_t* cp) {
   uint8_t b0 = p[0];
   if (b0 < 0x80) {

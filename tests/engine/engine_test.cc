@@ -630,6 +630,20 @@ TEST(EngineTest, StopStringsAndTextDeltasThroughADetokenizer) {
   Collected c2;
   Drain(**s, &c2);
   EXPECT_EQ(c2.text[0], full);
+  // Beams get their whole text with the final response.
+  r.sampling.stop.clear();
+  r.sampling.beam_width = 2;
+  r.sampling.max_tokens = 4;
+  s = e.Submit(r);
+  ASSERT_TRUE(e.RunUntilIdle().ok());
+  Collected c3;
+  Drain(**s, &c3);
+  ASSERT_EQ(c3.tokens.size(), 2u);
+  for (int k = 0; k < 2; ++k) {
+    std::string want;
+    for (int32_t t : c3.tokens[k]) want += TableDetokenizer::Text(t);
+    EXPECT_EQ(c3.text[k], want);
+  }
 }
 
 TEST(EngineTest, RefusesWhatCanNeverFitNamingTheLimit) {

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <vector>
 
 namespace qilin {
 namespace {
@@ -234,6 +235,37 @@ TEST(SamplerTest, UniformStreamsAreIndependentAndUniform) {
   }
   EXPECT_NEAR(sum / 100000, 0.5, 0.005);
   EXPECT_EQ(equal, 0);
+}
+
+}  // namespace
+}  // namespace qilin
+
+namespace qilin {
+namespace {
+
+TEST(SamplerTest, GreedyOnLargeRowsMatchesANaiveScan) {
+  std::mt19937_64 rng(9);
+  std::uniform_real_distribution<float> u(-5.0f, 5.0f);
+  SamplingParams p;
+  p.temperature = 0.0f;
+  const std::vector<int32_t> prompt{0};
+  for (int trial = 0; trial < 200; ++trial) {
+    const int32_t vocab = 64 + static_cast<int32_t>(rng() % 3000);
+    std::vector<float> row(vocab);
+    for (auto& x : row) x = std::round(u(rng) * 4) / 4;  // many ties
+    if (trial % 3 == 0) row[rng() % vocab] = NAN;
+    if (trial % 5 == 0) row[vocab - 1] = 100.0f;  // the max in the scalar tail
+    int32_t want = -1;
+    float best = -INFINITY;
+    for (int32_t i = 0; i < vocab; ++i) {
+      if (row[i] > best) {
+        best = row[i];
+        want = i;
+      }
+    }
+    Sampler sampler(vocab);
+    EXPECT_EQ(sampler.Sample(row.data(), {&p, prompt, 1, {}, 0, 0}).token, want) << trial;
+  }
 }
 
 }  // namespace

@@ -145,9 +145,37 @@ INSTANTIATE_TEST_SUITE_P(AllDTypes, DTypeTest,
                          ::testing::Values(DType::kBF16, DType::kF16, DType::kF32),
                          [](const auto& info) { return std::string(DTypeName(info.param)); });
 
+// ExpF32 (Exp8) against double exp over the range softmax and SiLU use, and its edge cases.
+TEST(CpuOps, ExpF32MatchesExp) {
+  const int n = 200001;
+  std::vector<float> x(n), y(n, NAN);
+  for (int i = 0; i < n; ++i) x[i] = -87.0f + 175.0f * static_cast<float>(i) / (n - 1);
+  ExpF32(x.data(), n, y.data());
+  double worst = 0;
+  for (int i = 0; i < n; ++i) {
+    const double want = std::exp(static_cast<double>(x[i]));
+    worst = std::max(worst, std::fabs(y[i] - want) / want);
+  }
+  EXPECT_LT(worst, 4e-7);
+  const std::vector<float> edge = {
+      -INFINITY, INFINITY, NAN,  -100.0f, 100.0f,
+      0.0f,      -0.0f,    1.0f, -1.0f};  // 9 values: the last goes through the padded tail
+  std::vector<float> out(edge.size(), 42.0f);
+  ExpF32(edge.data(), edge.size(), out.data());
+  EXPECT_EQ(out[0], 0.0f);
+  EXPECT_EQ(out[1], INFINITY);
+  EXPECT_TRUE(std::isnan(out[2]));
+  EXPECT_EQ(out[3], 0.0f);
+  EXPECT_EQ(out[4], INFINITY);
+  EXPECT_EQ(out[5], 1.0f);
+  EXPECT_EQ(out[6], 1.0f);
+  EXPECT_NEAR(out[7], 2.718281828, 1e-6);
+  EXPECT_NEAR(out[8], 0.367879441, 1e-7);
+}
+
 TEST(CpuOps, SiluMulAndAdd) {
   std::mt19937 rng(4);
-  const int64_t n = 7 * 33;
+  const int64_t n = 7 * 33;  // not a multiple of 8: the scalar tail runs too
   std::vector<float> g = RandomVec(n, rng, 4.0f), u = RandomVec(n, rng), out(n, NAN);
   SiluMul(g.data(), u.data(), 7, 33, out.data());
   std::vector<double> want(n);

@@ -3,6 +3,7 @@
 #include "runtime/cpu_backend.h"
 
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -538,6 +539,53 @@ TEST(CpuBackend, FactoryAndBadWeights) {
   ModelConfig odd = c;
   odd.num_kv_heads = 4;
   EXPECT_FALSE(CpuBackend::Create(odd, *w).ok());
+}
+
+// The multi-thread splits of a step (query heads, KV heads, MLP rows, lm_head rows per thread;
+// partial sums reduced after a barrier) on the tiny models, forced on with min work 0: 2 threads
+// (KV heads follow the query heads), 3 (they do not, except Qwen3's 3 KV heads: extra barrier),
+// 7 (more threads than heads and than MLP row units: some threads own nothing). Chunked prefill
+// and decode packed with another sequence must match the dense reference and the 1-thread run.
+TEST_P(CpuBackendArch, MultiThreadSplitsMatchDenseAndOneThread) {
+  const ModelConfig c = TinyConfig(GetParam());
+  ModelWeights w;
+  auto backend = MakeTiny(c, DType::kBF16, &w);
+  backend->set_min_macs_per_thread(0);
+  std::mt19937 rng(31);
+  const int prompt_len = 14, decode = 4;
+  std::vector<int32_t> full = RandomTokens(prompt_len + decode, c.vocab_size, rng);
+  std::vector<int32_t> other = RandomTokens(6 + decode, c.vocab_size, rng);
+  const std::vector<Vec> want = DenseLogits(c, w, full, prompt_len);
+  const int saved_threads = omp_get_max_threads();
+  auto run = [&](int threads) {
+    omp_set_num_threads(threads);
+    Harness h(backend.get(), 3, 64, 4);
+    Harness::Seq s{{full.begin(), full.begin() + prompt_len}, prompt_len, 0, {}};
+    Harness::Seq o{{other.begin(), other.begin() + 5}, 5, 0, {}};
+    std::vector<std::vector<float>> got;
+    h.Step({{&o, 5}});
+    for (auto& r : h.Step({{&s, 9}})) got.push_back(r);
+    o.tokens.push_back(other[5]);
+    for (auto& r : h.Step({{&o, 1}, {&s, prompt_len - 9}})) got.push_back(r);
+    got.erase(got.begin() + 9);  // the other sequence's row
+    for (int i = 0; i < decode; ++i) {
+      s.tokens.push_back(full[prompt_len + i]);
+      o.tokens.push_back(other[6 + i]);
+      got.push_back(h.Step({{&o, 1}, {&s, 1}})[1]);
+    }
+    return got;
+  };
+  const auto one = run(1);
+  for (int threads : {2, 3, 7}) {
+    const auto got = run(threads);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t t = 0; t < got.size(); ++t) {
+      EXPECT_LT(RelL2(got[t].data(), want[t]), kTol) << threads << " threads, position " << t;
+      Vec a(one[t].begin(), one[t].end());
+      EXPECT_LT(RelL2(got[t].data(), a), 1e-5) << threads << " threads vs 1, position " << t;
+    }
+  }
+  omp_set_num_threads(saved_threads);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <random>
 
+#include "tokenizer/unicode.h"
 #include "tokenizer_test_util.h"
 
 namespace qilin::tokenizer {
@@ -262,6 +263,17 @@ TEST(TokenizerPropertyTest, DecodeEncodeIsNfcOnRandomUnicode) {
     // Qwen v1's rank BPE must agree with the merge-list BPE (no Qwen3 tokens in random text
     // except by chance: none of them is made of these code points' pieces).
     ASSERT_EQ(v1->Encode(s).value(), *ids) << nlohmann::json(s).dump();
+  }
+}
+
+TEST(TokenizerPropertyTest, FastNfcEqualsUtf8procNfc) {
+  std::mt19937 rng(77);
+  for (int iter = 0; iter < 20000; ++iter) {
+    std::string s = RandomText(rng, 30);
+    std::string out;
+    auto changed = NormalizeNfc(s, &out);
+    ASSERT_TRUE(changed.ok());
+    ASSERT_EQ(*changed ? out : s, Nfc(s)) << nlohmann::json(s).dump();
   }
 }
 

@@ -29,4 +29,11 @@ void PagedAttention(const float* q, const float* k_cache, const float* v_cache,
                     const PagedAttentionBatch& batch, int64_t num_heads, int64_t num_kv_heads,
                     int64_t head_dim, float scale, float* out);
 
+// PagedAttention for the query heads [h_begin, h_end) of every token, on the calling thread
+// (for callers that split heads over threads themselves). Scores 4 keys per pass, exp 8 lanes at
+// a time (Exp8), and accumulates P.V in registers per 32-wide slice of the head.
+void PagedAttentionHeads(const float* q, const float* k_cache, const float* v_cache,
+                         const PagedAttentionBatch& batch, int64_t num_heads, int64_t num_kv_heads,
+                         int64_t head_dim, float scale, int64_t h_begin, int64_t h_end, float* out);
+
 }  // namespace qilin::cpu

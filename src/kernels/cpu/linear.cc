@@ -1,6 +1,7 @@
 #include "kernels/cpu/linear.h"
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cstring>
@@ -13,64 +14,74 @@ namespace {
 
 constexpr int64_t kParallelMinWork = 1 << 16;
 
+constexpr int64_t kPrefetchRows = 32;
+
 // ---- GEMV: WR weight rows x XR activation rows per inner loop (8 accumulators at most). ----
+// W(o, k) is element o * ldw + koff + k.
 template <DType D, int WR, int XR>
-void GemvTile(const float* x, int64_t ldx, const void* w, int64_t o0, int64_t in, float* sums) {
+void GemvTile(const float* x, int64_t ldx, const void* w, int64_t ldw, int64_t koff, int64_t o0,
+              int64_t in, float* sums) {
   __m256 acc[WR][XR];
   for (int a = 0; a < WR; ++a)
     for (int b = 0; b < XR; ++b) acc[a][b] = _mm256_setzero_ps();
+  int64_t row[WR];
+  for (int a = 0; a < WR; ++a) row[a] = (o0 + a) * ldw + koff;
   int64_t k = 0;
   for (; k + 8 <= in; k += 8) {
+    if constexpr (D != DType::kF32) {
+      // The same cache line of the next tile's rows: the hardware prefetcher alone reaches only
+      // about half the read bandwidth of one core on these short interleaved streams.
+      if ((k & 31) == 0) {
+        for (int a = 0; a < WR; ++a)
+          _mm_prefetch(static_cast<const char*>(w) + 2 * (row[a] + k + kPrefetchRows * ldw),
+                       _MM_HINT_T0);
+      }
+    }
     __m256 xv[XR];
     for (int b = 0; b < XR; ++b) xv[b] = _mm256_loadu_ps(x + b * ldx + k);
     for (int a = 0; a < WR; ++a) {
-      __m256 wv = Load8<D>(w, (o0 + a) * in + k);
+      __m256 wv = Load8<D>(w, row[a] + k);
       for (int b = 0; b < XR; ++b) acc[a][b] = _mm256_fmadd_ps(wv, xv[b], acc[a][b]);
     }
   }
   for (int a = 0; a < WR; ++a) {
     for (int b = 0; b < XR; ++b) {
       float s = HorizontalSum(acc[a][b]);
-      for (int64_t kk = k; kk < in; ++kk) s += Load1<D>(w, (o0 + a) * in + kk) * x[b * ldx + kk];
+      for (int64_t kk = k; kk < in; ++kk) s += Load1<D>(w, row[a] + kk) * x[b * ldx + kk];
       sums[a * XR + b] = s;
     }
   }
 }
 
+// Outputs o0 .. o0 + WR of the slice for all n rows.
 template <DType D, int WR>
-void GemvRows(const float* x, int64_t n, int64_t in, const void* w, int64_t o0, int64_t out,
-              const float* bias, float* y) {
+void GemvRows(const LinearSliceArgs& s, int64_t o0, const float* bias) {
   float sums[WR * 2];
+  float* y = s.y + (o0 - s.o_begin);
   int64_t i = 0;
-  for (; i + 2 <= n; i += 2) {
-    GemvTile<D, WR, 2>(x + i * in, in, w, o0, in, sums);
+  for (; i + 2 <= s.n; i += 2) {
+    GemvTile<D, WR, 2>(s.x + i * s.ldx, s.ldx, s.w.data, s.ldw, s.k_begin, o0, s.in, sums);
     for (int a = 0; a < WR; ++a)
-      for (int b = 0; b < 2; ++b) y[(i + b) * out + o0 + a] = sums[a * 2 + b] + bias[a];
+      for (int b = 0; b < 2; ++b) y[(i + b) * s.ldy + a] = sums[a * 2 + b] + bias[a];
   }
-  if (i < n) {
-    GemvTile<D, WR, 1>(x + i * in, in, w, o0, in, sums);
-    for (int a = 0; a < WR; ++a) y[i * out + o0 + a] = sums[a] + bias[a];
+  if (i < s.n) {
+    GemvTile<D, WR, 1>(s.x + i * s.ldx, s.ldx, s.w.data, s.ldw, s.k_begin, o0, s.in, sums);
+    for (int a = 0; a < WR; ++a) y[i * s.ldy + a] = sums[a] + bias[a];
   }
 }
 
 template <DType D>
-void GemvImpl(const float* x, int64_t n, int64_t in, const void* w, int64_t out, WeightRef bias,
-              float* y) {
+void GemvSlice(const LinearSliceArgs& s) {
   constexpr int64_t kWr = 4;
-  const int64_t groups = (out + kWr - 1) / kWr;
-  // Threads only pay off past ~64K multiply-adds (a barrier costs microseconds, more when the
-  // cores are shared).
-#pragma omp parallel for schedule(static) if (n * in * out > kParallelMinWork)
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t o0 = g * kWr;
-    const int64_t rows = std::min(kWr, out - o0);
+  for (int64_t o0 = s.o_begin; o0 < s.o_end; o0 += kWr) {
+    const int64_t rows = std::min(kWr, s.o_end - o0);
     float b[kWr] = {0, 0, 0, 0};
-    if (bias.data != nullptr)
-      for (int64_t a = 0; a < rows; ++a) b[a] = LoadScalar(bias.dtype, bias.data, o0 + a);
+    if (s.bias.data != nullptr)
+      for (int64_t a = 0; a < rows; ++a) b[a] = LoadScalar(s.bias.dtype, s.bias.data, o0 + a);
     if (rows == kWr) {
-      GemvRows<D, 4>(x, n, in, w, o0, out, b, y);
+      GemvRows<D, 4>(s, o0, b);
     } else {
-      for (int64_t a = 0; a < rows; ++a) GemvRows<D, 1>(x, n, in, w, o0 + a, out, b + a, y);
+      for (int64_t a = 0; a < rows; ++a) GemvRows<D, 1>(s, o0 + a, b + a);
     }
   }
 }
@@ -101,9 +112,11 @@ inline void Transpose8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-// Packs W[o0 .. o0+nc)[k0 .. k0+kc) to f32 as [panel][kk][16], zero-padding missing outputs.
+// Packs W[o0 .. o0+nc)[k0 .. k0+kc) (W(o, k) at o * ldw + k) to f32 as [panel][kk][16],
+// zero-padding missing outputs.
 template <DType D>
-void PackW(const void* w, int64_t in, int64_t o0, int64_t nc, int64_t k0, int64_t kc, float* pack) {
+void PackW(const void* w, int64_t ldw, int64_t o0, int64_t nc, int64_t k0, int64_t kc,
+           float* pack) {
   const int64_t panels = (nc + kNr - 1) / kNr;
   for (int64_t p = 0; p < panels; ++p) {
     float* dst = pack + p * kKc * kNr;
@@ -114,7 +127,7 @@ void PackW(const void* w, int64_t in, int64_t o0, int64_t nc, int64_t k0, int64_
       if (valid == 8) {
         for (; kk + 8 <= kc; kk += 8) {
           __m256 r[8];
-          for (int j = 0; j < 8; ++j) r[j] = Load8<D>(w, (o0 + ob + j) * in + k0 + kk);
+          for (int j = 0; j < 8; ++j) r[j] = Load8<D>(w, (o0 + ob + j) * ldw + k0 + kk);
           Transpose8(r);
           for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (kk + j) * kNr + half * 8, r[j]);
         }
@@ -122,7 +135,7 @@ void PackW(const void* w, int64_t in, int64_t o0, int64_t nc, int64_t k0, int64_
       for (; kk < kc; ++kk) {
         for (int64_t j = 0; j < 8; ++j) {
           dst[kk * kNr + half * 8 + j] =
-              j < valid ? Load1<D>(w, (o0 + ob + j) * in + k0 + kk) : 0.0f;
+              j < valid ? Load1<D>(w, (o0 + ob + j) * ldw + k0 + kk) : 0.0f;
         }
       }
     }
@@ -130,37 +143,46 @@ void PackW(const void* w, int64_t in, int64_t o0, int64_t nc, int64_t k0, int64_
 }
 
 // acc[MR x 16] = x[MR rows, kc] * pack[kc][16]; then y (+)= acc over `cols` valid columns.
+// 2 MR accumulators + 2 panel registers + 1 broadcast fit the 16 ymm registers; every loop over
+// r is unrolled so the accumulators stay in registers (a rolled loop made GCC spill them to the
+// stack on every step, halving the FMA rate).
 template <int MR>
 void MicroKernel(const float* x, int64_t ldx, const float* pack, int64_t kc, float* y, int64_t ldy,
                  int64_t cols, bool accumulate) {
   __m256 acc[MR][2];
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const float* xr[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) xr[r] = x + r * ldx;
   for (int64_t kk = 0; kk < kc; ++kk) {
-    __m256 b0 = _mm256_loadu_ps(pack + kk * kNr);
-    __m256 b1 = _mm256_loadu_ps(pack + kk * kNr + 8);
+    const __m256 b0 = _mm256_loadu_ps(pack + kk * kNr);
+    const __m256 b1 = _mm256_loadu_ps(pack + kk * kNr + 8);
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      __m256 a = _mm256_broadcast_ss(x + r * ldx + kk);
+      const __m256 a = _mm256_broadcast_ss(xr[r] + kk);
       acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
     }
   }
-  if (cols == kNr) {
-    for (int r = 0; r < MR; ++r) {
-      float* yr = y + r * ldy;
+  alignas(32) float tmp[MR][kNr];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm256_store_ps(tmp[r], acc[r][0]);
+    _mm256_store_ps(tmp[r] + 8, acc[r][1]);
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* yr = y + r * ldy;
+    if (cols == kNr) {
+      __m256 v0 = _mm256_load_ps(tmp[r]), v1 = _mm256_load_ps(tmp[r] + 8);
       if (accumulate) {
-        acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(yr));
-        acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(yr + 8));
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(yr));
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(yr + 8));
       }
-      _mm256_storeu_ps(yr, acc[r][0]);
-      _mm256_storeu_ps(yr + 8, acc[r][1]);
-    }
-  } else {
-    alignas(32) float tmp[kNr];
-    for (int r = 0; r < MR; ++r) {
-      _mm256_store_ps(tmp, acc[r][0]);
-      _mm256_store_ps(tmp + 8, acc[r][1]);
-      float* yr = y + r * ldy;
-      for (int64_t c = 0; c < cols; ++c) yr[c] = accumulate ? yr[c] + tmp[c] : tmp[c];
+      _mm256_storeu_ps(yr, v0);
+      _mm256_storeu_ps(yr + 8, v1);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) yr[c] = accumulate ? yr[c] + tmp[r][c] : tmp[r][c];
     }
   }
 }
@@ -183,74 +205,103 @@ void MicroKernelRows(int64_t mr, const float* x, int64_t ldx, const float* pack,
   }
 }
 
+// One slice by packed tiles: for each 64-output group and 256-deep chunk, W is packed once and
+// each 16-wide panel (16 KB, L1-resident) meets every 6-row block of x.
 template <DType D>
-void BlockedImpl(const float* x, int64_t n, int64_t in, const void* w, int64_t out, WeightRef bias,
-                 float* y) {
-  const int64_t groups = (out + kNc - 1) / kNc;
-#pragma omp parallel if (n * in * out > kParallelMinWork)
-  {
-    std::vector<float> pack_buf(kNc * kKc + 8);
-    float* pack = pack_buf.data();
-#pragma omp for schedule(static)
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t o0 = g * kNc;
-      const int64_t nc = std::min(kNc, out - o0);
-      const int64_t panels = (nc + kNr - 1) / kNr;
-      for (int64_t k0 = 0; k0 < in; k0 += kKc) {
-        const int64_t kc = std::min(kKc, in - k0);
-        PackW<D>(w, in, o0, nc, k0, kc, pack);
-        for (int64_t i0 = 0; i0 < n; i0 += kMr) {
-          const int64_t mr = std::min(kMr, n - i0);
-          for (int64_t p = 0; p < panels; ++p) {
-            const int64_t cols = std::min(kNr, nc - p * kNr);
-            MicroKernelRows(mr, x + i0 * in + k0, in, pack + p * kKc * kNr, kc,
-                            y + i0 * out + o0 + p * kNr, out, cols, k0 > 0);
-          }
+void BlockedSlice(const LinearSliceArgs& s) {
+  thread_local std::vector<float> pack_buf;
+  if (pack_buf.size() < static_cast<size_t>(kNc * kKc)) pack_buf.resize(kNc * kKc);
+  float* pack = pack_buf.data();
+  for (int64_t o0 = s.o_begin; o0 < s.o_end; o0 += kNc) {
+    const int64_t nc = std::min(kNc, s.o_end - o0);
+    const int64_t panels = (nc + kNr - 1) / kNr;
+    float* y = s.y + (o0 - s.o_begin);
+    for (int64_t k0 = 0; k0 < s.in; k0 += kKc) {
+      const int64_t kc = std::min(kKc, s.in - k0);
+      PackW<D>(s.w.data, s.ldw, o0, nc, s.k_begin + k0, kc, pack);
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t cols = std::min(kNr, nc - p * kNr);
+        for (int64_t i0 = 0; i0 < s.n; i0 += kMr) {
+          const int64_t mr = std::min(kMr, s.n - i0);
+          MicroKernelRows(mr, s.x + i0 * s.ldx + k0, s.ldx, pack + p * kKc * kNr, kc,
+                          y + i0 * s.ldy + p * kNr, s.ldy, cols, k0 > 0);
         }
       }
-      if (bias.data != nullptr) {
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t o = o0; o < o0 + nc; ++o)
-            y[i * out + o] += LoadScalar(bias.dtype, bias.data, o);
-      }
+    }
+    if (s.bias.data != nullptr) {
+      for (int64_t i = 0; i < s.n; ++i)
+        for (int64_t o = 0; o < nc; ++o)
+          y[i * s.ldy + o] += LoadScalar(s.bias.dtype, s.bias.data, o0 + o);
+    }
+  }
+}
+
+template <DType D>
+void SliceImpl(const LinearSliceArgs& s) {
+  if (s.n <= 0 || s.o_end <= s.o_begin) return;
+  if (s.in <= 0) {
+    for (int64_t i = 0; i < s.n; ++i)
+      for (int64_t o = s.o_begin; o < s.o_end; ++o)
+        s.y[i * s.ldy + o - s.o_begin] =
+            s.bias.data ? LoadScalar(s.bias.dtype, s.bias.data, o) : 0.0f;
+    return;
+  }
+  if (s.n >= kLinearBlockedMinRows) {
+    BlockedSlice<D>(s);
+  } else {
+    GemvSlice<D>(s);
+  }
+}
+
+template <DType D>
+void GemvOrBlocked(const LinearSliceArgs& s, bool blocked) {
+  if (s.in > 0 && blocked) return BlockedSlice<D>(s);
+  if (s.in > 0) return GemvSlice<D>(s);
+  SliceImpl<D>(s);
+}
+
+// Splits the outputs over the threads in multiples of `align` (threads only pay off past ~64K
+// multiply-adds: a fork/join costs microseconds, more when the cores are shared).
+void ParallelLinear(const float* x, int64_t n, int64_t in, WeightRef w, int64_t out, WeightRef bias,
+                    float* y, bool blocked) {
+  if (n <= 0 || out <= 0) return;
+  const int64_t align = blocked ? kNr : 4;
+#pragma omp parallel if (n * in * out > kParallelMinWork)
+  {
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t units = (out + align - 1) / align;
+    const int64_t u0 = units * t / nt, u1 = units * (t + 1) / nt;
+    LinearSliceArgs s{
+        x,    in,      n,  in, w, in, 0, std::min(out, u0 * align), std::min(out, u1 * align),
+        bias, nullptr, out};
+    s.y = y + s.o_begin;
+    if (!DispatchFloatDType(w.dtype, [&]<DType D>() { GemvOrBlocked<D>(s, blocked); })) {
+      GemvOrBlocked<DType::kBF16>(s, blocked);
     }
   }
 }
 
 }  // namespace
 
+void LinearSlice(const LinearSliceArgs& a) {
+  if (!DispatchFloatDType(a.w.dtype, [&]<DType D>() { SliceImpl<D>(a); })) {
+    SliceImpl<DType::kBF16>(a);
+  }
+}
+
 void LinearGemv(const float* x, int64_t n, int64_t in, WeightRef w, int64_t out, WeightRef bias,
                 float* y) {
-  if (n <= 0 || out <= 0) return;
-  if (in <= 0) {
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t o = 0; o < out; ++o)
-        y[i * out + o] = bias.data ? LoadScalar(bias.dtype, bias.data, o) : 0.0f;
-    return;
-  }
-  if (!DispatchFloatDType(w.dtype,
-                          [&]<DType D>() { GemvImpl<D>(x, n, in, w.data, out, bias, y); })) {
-    GemvImpl<DType::kBF16>(x, n, in, w.data, out, bias, y);
-  }
+  ParallelLinear(x, n, in, w, out, bias, y, false);
 }
 
 void LinearBlocked(const float* x, int64_t n, int64_t in, WeightRef w, int64_t out, WeightRef bias,
                    float* y) {
-  if (n <= 0 || out <= 0) return;
-  if (in <= 0) return LinearGemv(x, n, in, w, out, bias, y);
-  if (!DispatchFloatDType(w.dtype,
-                          [&]<DType D>() { BlockedImpl<D>(x, n, in, w.data, out, bias, y); })) {
-    BlockedImpl<DType::kBF16>(x, n, in, w.data, out, bias, y);
-  }
+  ParallelLinear(x, n, in, w, out, bias, y, true);
 }
 
 void Linear(const float* x, int64_t n, int64_t in, WeightRef w, int64_t out, WeightRef bias,
             float* y) {
-  if (n >= kLinearBlockedMinRows) {
-    LinearBlocked(x, n, in, w, out, bias, y);
-  } else {
-    LinearGemv(x, n, in, w, out, bias, y);
-  }
+  ParallelLinear(x, n, in, w, out, bias, y, n >= kLinearBlockedMinRows);
 }
 
 }  // namespace qilin::cpu

@@ -1,0 +1,398 @@
+// Paged attention over the bf16 KV cache: a split-KV decode kernel on CUDA cores (GQA heads share
+// each K/V tile in shared memory) and a tensor-core flash-attention kernel for prefill tiles.
+#include <cuda_bf16.h>
+
+#include <cmath>
+
+#include "kernels/cuda/ops.h"
+
+namespace qilin::cuda {
+namespace {
+
+constexpr int kDecodeTile = 32;  // keys per shared-memory tile (one per lane)
+constexpr int kDecodeWarps = 4;
+constexpr int kMaxHeadsPerWarp = 4;  // group size up to 16
+constexpr int kMaxDPerLane = 8;      // head_dim up to 256
+
+__host__ __device__ inline int32_t Partition(int32_t ctx) {
+  const int32_t per = (ctx + kMaxSplits - 1) / kMaxSplits;
+  const int32_t rounded = (per + 31) / 32 * 32;
+  return rounded > 64 ? rounded : 64;
+}
+
+__device__ __forceinline__ float Bf(const bf16_t* p, int64_t i) {
+  return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+__device__ __forceinline__ int64_t SlotOf(const AttnBatch& b, int32_t seq, int32_t pos) {
+  const int32_t block =
+      b.block_tables[static_cast<int64_t>(seq) * b.table_stride + pos / b.block_size];
+  return static_cast<int64_t>(block) * b.block_size + pos % b.block_size;
+}
+
+// Block (token, kv head, split): reads its split's K/V once (2 * keys * head_dim * 2 bytes) for
+// all `group` query heads.
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+    DecodeKernel(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, AttnBatch b,
+                 const int32_t* tokens, int num_heads, int num_kv_heads, int head_dim, float scale,
+                 float* partial, bf16_t* out) {
+  extern __shared__ float smem[];
+  const int idx = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int32_t t = tokens[idx];
+  const int32_t ctx = b.positions[t] + 1;
+  const int32_t part = Partition(ctx);
+  const int32_t nsplit = (ctx + part - 1) / part;
+  if (split >= nsplit) return;
+  const int32_t start = split * part, end = min(ctx, start + part);
+  const int32_t seq = b.seq_of[t];
+  const int group = num_heads / num_kv_heads;
+  const int D = head_dim, Dp = head_dim + 2;
+  const int64_t kv_size = static_cast<int64_t>(num_kv_heads) * D;
+  float* q_s = smem;                                         // [group][D]
+  bf16_t* k_s = reinterpret_cast<bf16_t*>(q_s + group * D);  // [tile][Dp]
+  bf16_t* v_s = k_s + kDecodeTile * Dp;                      // [tile][D]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
+    q_s[i] =
+        Bf(q, static_cast<int64_t>(t) * num_heads * D + static_cast<int64_t>(kvh) * group * D + i) *
+        scale;
+  }
+  float m[kMaxHeadsPerWarp], l[kMaxHeadsPerWarp], o[kMaxHeadsPerWarp][kMaxDPerLane];
+#pragma unroll
+  for (int hi = 0; hi < kMaxHeadsPerWarp; ++hi) {
+    m[hi] = -INFINITY;
+    l[hi] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxDPerLane; ++i) o[hi][i] = 0.0f;
+  }
+  const int half_d = D / 2;
+  for (int32_t k0 = start; k0 < end; k0 += kDecodeTile) {
+    const int nk = min(kDecodeTile, end - k0);
+    __syncthreads();
+    for (int i = threadIdx.x; i < nk * half_d; i += blockDim.x) {
+      const int j = i / half_d, d2 = i - j * half_d;
+      const int64_t base = SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D;
+      reinterpret_cast<uint32_t*>(k_s + j * Dp)[d2] =
+          reinterpret_cast<const uint32_t*>(k_cache + base)[d2];
+      reinterpret_cast<uint32_t*>(v_s + j * D)[d2] =
+          reinterpret_cast<const uint32_t*>(v_cache + base)[d2];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int hi = 0; hi < kMaxHeadsPerWarp; ++hi) {
+      const int hl = warp + hi * kDecodeWarps;
+      if (hl >= group) break;
+      float s = -INFINITY;
+      if (lane < nk) {
+        const float* qh = q_s + hl * D;
+        const __nv_bfloat162* kr = reinterpret_cast<const __nv_bfloat162*>(k_s + lane * Dp);
+        float acc = 0.0f;
+        for (int d2 = 0; d2 < half_d; ++d2) {
+          const float2 kv = __bfloat1622float2(kr[d2]);
+          acc += qh[2 * d2] * kv.x + qh[2 * d2 + 1] * kv.y;
+        }
+        s = acc;
+      }
+      float mx = s;
+      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_new = fmaxf(m[hi], mx);
+      const float p = lane < nk ? __expf(s - m_new) : 0.0f;
+      const float corr = __expf(m[hi] - m_new);
+      float ps = p;
+      for (int off = 16; off > 0; off >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, off);
+      l[hi] = l[hi] * corr + ps;
+      m[hi] = m_new;
+#pragma unroll
+      for (int i = 0; i < kMaxDPerLane; ++i) o[hi][i] *= corr;
+      for (int j = 0; j < nk; ++j) {
+        const float pj = __shfl_sync(0xffffffffu, p, j);
+        const bf16_t* vr = v_s + j * D;
+#pragma unroll
+        for (int i = 0; i < kMaxDPerLane; ++i) {
+          const int d = lane + 32 * i;
+          if (d < D) o[hi][i] += pj * Bf(vr, d);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int hi = 0; hi < kMaxHeadsPerWarp; ++hi) {
+    const int hl = warp + hi * kDecodeWarps;
+    if (hl >= group) break;
+    const int h = kvh * group + hl;
+    if (nsplit == 1) {
+      const float inv = 1.0f / l[hi];
+      __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(out) +
+                           static_cast<int64_t>(t) * num_heads * D + static_cast<int64_t>(h) * D;
+#pragma unroll
+      for (int i = 0; i < kMaxDPerLane; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) dst[d] = __float2bfloat16(o[hi][i] * inv);
+      }
+    } else {
+      float* pp =
+          partial + ((static_cast<int64_t>(idx) * num_heads + h) * kMaxSplits + split) * (D + 2);
+      if (lane == 0) {
+        pp[0] = m[hi];
+        pp[1] = l[hi];
+      }
+#pragma unroll
+      for (int i = 0; i < kMaxDPerLane; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) pp[2 + d] = o[hi][i];
+      }
+    }
+  }
+}
+
+// Block (token, head): merges the splits' (max, sum, unnormalised output).
+__global__ void CombineKernel(const int32_t* tokens, const int32_t* positions, int num_heads,
+                              int head_dim, const float* partial, bf16_t* out) {
+  const int idx = blockIdx.x, h = blockIdx.y;
+  const int32_t t = tokens[idx];
+  const int32_t ctx = positions[t] + 1;
+  const int32_t part = Partition(ctx);
+  const int32_t nsplit = (ctx + part - 1) / part;
+  if (nsplit == 1) return;
+  const float* pp =
+      partial + (static_cast<int64_t>(idx) * num_heads + h) * kMaxSplits * (head_dim + 2);
+  float mx = -INFINITY;
+  for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, pp[s * (head_dim + 2)]);
+  float denom = 0.0f;
+  for (int s = 0; s < nsplit; ++s)
+    denom += pp[s * (head_dim + 2) + 1] * __expf(pp[s * (head_dim + 2)] - mx);
+  const float inv = 1.0f / denom;
+  __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(out) +
+                       static_cast<int64_t>(t) * num_heads * head_dim +
+                       static_cast<int64_t>(h) * head_dim;
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int s = 0; s < nsplit; ++s) {
+      acc += pp[s * (head_dim + 2) + 2 + d] * __expf(pp[s * (head_dim + 2)] - mx);
+    }
+    dst[d] = __float2bfloat16(acc * inv);
+  }
+}
+
+// ---- Prefill: FlashAttention-2 style with mma.sync m16n8k16 (bf16 in, f32 accumulate). ----
+
+constexpr int kPrefillWarps = 4;
+constexpr int kKeyTile = 64;
+constexpr int kPad = 8;  // bf16 padding per shared row: row strides of 4 (mod 32) words
+
+__device__ __forceinline__ void Mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Block (tile of up to 64 query tokens of one sequence, head): 16 query rows per warp. Per key
+// tile: S = Q K^T (64 x 64), online softmax in registers, O += P V. Flops 4 * 64 * keys * D.
+template <int D>
+__global__ void __launch_bounds__(kPrefillWarps * 32)
+    PrefillKernel(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, AttnBatch b,
+                  const int2* tiles, int num_heads, int num_kv_heads, float scale_log2,
+                  bf16_t* out) {
+  __shared__ __align__(16) bf16_t k_s[kKeyTile][D + kPad];
+  __shared__ __align__(16) bf16_t vt_s[D][kKeyTile + kPad];
+  const int2 tile = tiles[blockIdx.x];
+  const int h = blockIdx.y;
+  const int seq = tile.x, q0 = tile.y;
+  const int nq = min(kPrefillTileQ, b.query_start[seq + 1] - q0);
+  const int group = num_heads / num_kv_heads, kvh = h / group;
+  const int32_t pos0 = b.positions[q0];
+  const int32_t kv_len = pos0 + nq;  // keys 0 .. last query's position
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int64_t q_stride = static_cast<int64_t>(num_heads) * D;
+  const int64_t kv_size = static_cast<int64_t>(num_kv_heads) * D;
+
+  // Q fragments (A operand) straight from global memory; rows past the tile are zero.
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  uint32_t qf[D / 16][4];
+  {
+    const uint32_t* row0 = reinterpret_cast<const uint32_t*>(q + (q0 + r0) * q_stride + h * D);
+    const uint32_t* row1 = reinterpret_cast<const uint32_t*>(q + (q0 + r1) * q_stride + h * D);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      qf[kk][0] = r0 < nq ? row0[kk * 8 + c] : 0u;
+      qf[kk][1] = r1 < nq ? row1[kk * 8 + c] : 0u;
+      qf[kk][2] = r0 < nq ? row0[kk * 8 + c + 4] : 0u;
+      qf[kk][3] = r1 < nq ? row1[kk * 8 + c + 4] : 0u;
+    }
+  }
+  const int32_t qp0 = pos0 + r0, qp1 = pos0 + r1;
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+
+  for (int32_t k0 = 0; k0 < kv_len; k0 += kKeyTile) {
+    __syncthreads();
+    // K rows as 16-byte vectors; V transposed into vt_s[d][key].
+    for (int i = threadIdx.x; i < kKeyTile * (D / 8); i += blockDim.x) {
+      const int j = i / (D / 8), d8 = (i % (D / 8)) * 8;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (k0 + j < kv_len) {
+        const int64_t base = SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D + d8;
+        kv = *reinterpret_cast<const uint4*>(k_cache + base);
+        vv = *reinterpret_cast<const uint4*>(v_cache + base);
+      }
+      *reinterpret_cast<uint4*>(&k_s[j][d8]) = kv;
+      const bf16_t* ve = reinterpret_cast<const bf16_t*>(&vv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vt_s[d8 + e][j] = ve[e];
+    }
+    __syncthreads();
+    if (k0 > pos0 + warp * 16 + 15) continue;  // this warp's rows see none of these keys
+    float s[kKeyTile / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&k_s[nt * 8 + g][kk * 16 + 2 * c]);
+        const uint32_t b1 =
+            *reinterpret_cast<const uint32_t*>(&k_s[nt * 8 + g][kk * 16 + 2 * c + 8]);
+        Mma(s[nt], qf[kk], b0, b1);
+      }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+      const int32_t kp = k0 + nt * 8 + 2 * c;
+      s[nt][0] = kp <= qp0 ? s[nt][0] * scale_log2 : -INFINITY;
+      s[nt][1] = kp + 1 <= qp0 ? s[nt][1] * scale_log2 : -INFINITY;
+      s[nt][2] = kp <= qp1 ? s[nt][2] * scale_log2 : -INFINITY;
+      s[nt][3] = kp + 1 <= qp1 ? s[nt][3] * scale_log2 : -INFINITY;
+      mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+    }
+    for (int off = 1; off < 4; off <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+    const float corr0 = exp2f(m0 - mu0), corr1 = exp2f(m1 - mu1);
+    m0 = mn0;
+    m1 = mn1;
+    float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+      s[nt][0] = exp2f(s[nt][0] - mu0);
+      s[nt][1] = exp2f(s[nt][1] - mu0);
+      s[nt][2] = exp2f(s[nt][2] - mu1);
+      s[nt][3] = exp2f(s[nt][3] - mu1);
+      sum0 += s[nt][0] + s[nt][1];
+      sum1 += s[nt][2] + s[nt][3];
+    }
+    l0 = l0 * corr0 + sum0;
+    l1 = l1 * corr1 + sum1;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[dt][0] *= corr0;
+      o[dt][1] *= corr0;
+      o[dt][2] *= corr1;
+      o[dt][3] *= corr1;
+    }
+#pragma unroll
+    for (int kv = 0; kv < kKeyTile / 16; ++kv) {
+      uint32_t a[4];
+      a[0] = Pack(s[2 * kv][0], s[2 * kv][1]);
+      a[1] = Pack(s[2 * kv][2], s[2 * kv][3]);
+      a[2] = Pack(s[2 * kv + 1][0], s[2 * kv + 1][1]);
+      a[3] = Pack(s[2 * kv + 1][2], s[2 * kv + 1][3]);
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&vt_s[dt * 8 + g][kv * 16 + 2 * c]);
+        const uint32_t b1 =
+            *reinterpret_cast<const uint32_t*>(&vt_s[dt * 8 + g][kv * 16 + 2 * c + 8]);
+        Mma(o[dt], a, b0, b1);
+      }
+    }
+  }
+  for (int off = 1; off < 4; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+  }
+  const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    const int d = dt * 8 + 2 * c;
+    if (r0 < nq) {
+      *reinterpret_cast<uint32_t*>(out + (q0 + r0) * q_stride + h * D + d) =
+          Pack(o[dt][0] * inv0, o[dt][1] * inv0);
+    }
+    if (r1 < nq) {
+      *reinterpret_cast<uint32_t*>(out + (q0 + r1) * q_stride + h * D + d) =
+          Pack(o[dt][2] * inv1, o[dt][3] * inv1);
+    }
+  }
+}
+
+}  // namespace
+
+int32_t DecodePartition(int32_t context_len) { return Partition(context_len); }
+
+int64_t DecodePartialFloats(int64_t max_tokens, int64_t num_heads, int64_t head_dim) {
+  return max_tokens * num_heads * kMaxSplits * (head_dim + 2);
+}
+
+cudaError_t PagedAttentionDecode(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache,
+                                 const AttnBatch& batch, const int32_t* tokens, int32_t count,
+                                 int32_t max_splits, int64_t num_heads, int64_t num_kv_heads,
+                                 int64_t head_dim, float scale, float* partial, bf16_t* out,
+                                 cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  const int64_t group = num_heads / num_kv_heads;
+  if (group > kDecodeWarps * kMaxHeadsPerWarp || head_dim > 32 * kMaxDPerLane || head_dim % 2) {
+    return cudaErrorInvalidValue;
+  }
+  const int splits = max_splits < 1 ? 1 : (max_splits > kMaxSplits ? kMaxSplits : max_splits);
+  const size_t smem = group * head_dim * sizeof(float) +
+                      kDecodeTile * (head_dim + 2) * sizeof(bf16_t) +
+                      kDecodeTile * head_dim * sizeof(bf16_t);
+  dim3 grid(count, static_cast<unsigned>(num_kv_heads), splits);
+  DecodeKernel<<<grid, kDecodeWarps * 32, smem, stream>>>(
+      q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
+      static_cast<int>(num_kv_heads), static_cast<int>(head_dim), scale, partial, out);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || splits == 1) return err;
+  CombineKernel<<<dim3(count, static_cast<unsigned>(num_heads)), 64, 0, stream>>>(
+      tokens, batch.positions, static_cast<int>(num_heads), static_cast<int>(head_dim), partial,
+      out);
+  return cudaGetLastError();
+}
+
+bool PrefillSupported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
+
+cudaError_t PagedAttentionPrefill(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache,
+                                  const AttnBatch& batch, const int2* tiles, int32_t count,
+                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                  float scale, bf16_t* out, cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  const float scale_log2 = scale * 1.4426950408889634f;
+  dim3 grid(count, static_cast<unsigned>(num_heads));
+  if (head_dim == 64) {
+    PrefillKernel<64><<<grid, kPrefillWarps * 32, 0, stream>>>(
+        q, k_cache, v_cache, batch, tiles, static_cast<int>(num_heads),
+        static_cast<int>(num_kv_heads), scale_log2, out);
+  } else if (head_dim == 128) {
+    PrefillKernel<128><<<grid, kPrefillWarps * 32, 0, stream>>>(
+        q, k_cache, v_cache, batch, tiles, static_cast<int>(num_heads),
+        static_cast<int>(num_kv_heads), scale_log2, out);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace qilin::cuda

@@ -1,0 +1,219 @@
+// Row-wise kernels: embedding gather, residual add + RMSNorm, SwiGLU, rope + KV cache write,
+// random weights, KV block copies. All memory-bound: each reads and writes its rows once.
+#include <cuda_bf16.h>
+
+#include "kernels/cuda/ops.h"
+
+namespace qilin::cuda {
+namespace {
+
+__device__ __forceinline__ float Ld(const bf16_t* p, int64_t i) {
+  return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i]);
+}
+__device__ __forceinline__ void St(bf16_t* p, int64_t i, float v) {
+  reinterpret_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(v);
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024).
+__device__ float BlockSum(float v) {
+  __shared__ float part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = WarpSum(v);
+  __syncthreads();
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  float s = lane < warps ? part[lane] : 0.0f;
+  return WarpSum(s);
+}
+
+// One block per row: reads dim * 2 bytes, writes dim * 4.
+__global__ void EmbeddingKernel(const bf16_t* table, int64_t dim, const int32_t* ids, float* x) {
+  const int64_t row = blockIdx.x;
+  const int64_t src = static_cast<int64_t>(ids[row]) * dim;
+  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) x[row * dim + j] = Ld(table, src + j);
+}
+
+// One block per row: reads x (4 B) and y (2 B), writes x (4 B) and out (2 B) per element.
+__global__ void AddRmsNormKernel(float* x, const float* y, const int32_t* rows, int64_t dim,
+                                 const bf16_t* w, float eps, bf16_t* out) {
+  const int64_t r = blockIdx.x;
+  float* xr = x + (rows ? static_cast<int64_t>(rows[r]) : r) * dim;
+  float ss = 0.0f;
+  if (y) {
+    const float* yr = y + r * dim;
+    for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+      const float v = xr[j] + yr[j];
+      xr[j] = v;
+      ss += v * v;
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) ss += xr[j] * xr[j];
+  }
+  ss = BlockSum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
+  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x)
+    St(out + r * dim, j, xr[j] * inv * Ld(w, j));
+}
+
+__global__ void SiluMulKernel(const float* gu, int64_t n, int64_t inter, bf16_t* out) {
+  const int64_t total = n * inter;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / inter, j = i - r * inter;
+    const float g = gu[r * 2 * inter + j], u = gu[r * 2 * inter + inter + j];
+    St(out, i, g / (1.0f + expf(-g)) * u);
+  }
+}
+
+// One block per token, one warp per head (q heads, then k heads, then v heads).
+__global__ void RopeWriteKvKernel(const float* qkv, int64_t num_heads, int64_t num_kv_heads,
+                                  int64_t head_dim, const bf16_t* q_norm, const bf16_t* k_norm,
+                                  float eps, RopeArgs rope, const int64_t* slot_mapping,
+                                  bf16_t* q_out, bf16_t* k_cache, bf16_t* v_cache) {
+  const int64_t t = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int64_t row = (num_heads + 2 * num_kv_heads) * head_dim;
+  const int64_t kv_size = num_kv_heads * head_dim;
+  const int64_t half = head_dim / 2;
+  const int64_t slot = slot_mapping[t];
+  const int32_t table = rope.table_of[t];
+  const float* inv_freq = rope.inv_freq + static_cast<int64_t>(table) * half;
+  const float attn_scale = rope.attn_scale[table];
+  const float pos = static_cast<float>(rope.positions[t]);
+  const float qscale = rope.logn ? rope.logn[t] : 1.0f;
+  for (int64_t h = warp; h < num_heads + 2 * num_kv_heads; h += warps) {
+    const float* src = qkv + t * row + h * head_dim;
+    if (h >= num_heads + num_kv_heads) {  // v: copy into the cache
+      bf16_t* dst = v_cache + slot * kv_size + (h - num_heads - num_kv_heads) * head_dim;
+      for (int64_t i = lane; i < head_dim; i += 32) St(dst, i, src[i]);
+      continue;
+    }
+    const bool is_q = h < num_heads;
+    const bf16_t* norm = is_q ? q_norm : k_norm;
+    float inv = 1.0f;
+    if (norm) {
+      float ss = 0.0f;
+      for (int64_t i = lane; i < head_dim; i += 32) ss += src[i] * src[i];
+      ss = WarpSum(ss);
+      inv = 1.0f / sqrtf(ss / static_cast<float>(head_dim) + eps);
+    }
+    bf16_t* dst = is_q ? q_out + t * num_heads * head_dim + h * head_dim
+                       : k_cache + slot * kv_size + (h - num_heads) * head_dim;
+    const float scale = is_q ? qscale : 1.0f;
+    for (int64_t i = lane; i < half; i += 32) {
+      float a = src[i], b = src[i + half];
+      if (norm) {
+        a = a * inv * Ld(norm, i);
+        b = b * inv * Ld(norm, i + half);
+      }
+      const float angle = pos * inv_freq[i];
+      double s, c;
+      sincos(static_cast<double>(angle), &s, &c);
+      const float cs = static_cast<float>(c) * attn_scale, sn = static_cast<float>(s) * attn_scale;
+      St(dst, i, (a * cs - b * sn) * scale);
+      St(dst, i + half, (b * cs + a * sn) * scale);
+    }
+  }
+}
+
+__device__ __forceinline__ uint64_t SplitMix(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+template <typename T>
+__global__ void FillRandomKernel(T* dst, int64_t n, uint64_t seed, float mean, float stdev) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t h = SplitMix(seed * 0x2545f4914f6cdd1dull ^ SplitMix(static_cast<uint64_t>(i)));
+    // Box-Muller from two 24-bit uniforms in (0, 1].
+    const float u1 = (static_cast<float>(h & 0xffffff) + 1.0f) * (1.0f / 16777216.0f);
+    const float u2 = static_cast<float>((h >> 24) & 0xffffff) * (1.0f / 16777216.0f);
+    const float z = sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+    if constexpr (sizeof(T) == 4) {
+      dst[i] = mean + stdev * z;
+    } else {
+      St(dst, i, mean + stdev * z);
+    }
+  }
+}
+
+__global__ void CopyBlocksKernel(bf16_t* cache, const int2* pairs, int64_t block_elems) {
+  const int2 p = pairs[blockIdx.y];
+  const bf16_t* src = cache + static_cast<int64_t>(p.x) * block_elems;
+  bf16_t* dst = cache + static_cast<int64_t>(p.y) * block_elems;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < block_elems;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = src[i];
+}
+
+int GridFor(int64_t total, int threads) {
+  const int64_t blocks = (total + threads - 1) / threads;
+  return static_cast<int>(blocks < 132 * 16 ? (blocks > 0 ? blocks : 1) : 132 * 16);
+}
+
+}  // namespace
+
+cudaError_t EmbeddingGather(const bf16_t* table, int64_t dim, const int32_t* ids, int64_t n,
+                            float* x, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  EmbeddingKernel<<<n, 256, 0, stream>>>(table, dim, ids, x);
+  return cudaGetLastError();
+}
+
+cudaError_t AddRmsNorm(float* x, const float* y, const int32_t* rows, int64_t n, int64_t dim,
+                       const bf16_t* w, float eps, bf16_t* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int threads = dim >= 4096 ? 1024 : dim >= 1024 ? 512 : 128;
+  AddRmsNormKernel<<<n, threads, 0, stream>>>(x, y, rows, dim, w, eps, out);
+  return cudaGetLastError();
+}
+
+cudaError_t SiluMul(const float* gu, int64_t n, int64_t inter, bf16_t* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  SiluMulKernel<<<GridFor(n * inter, 256), 256, 0, stream>>>(gu, n, inter, out);
+  return cudaGetLastError();
+}
+
+cudaError_t RopeWriteKv(const float* qkv, int64_t n, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t head_dim, const bf16_t* q_norm, const bf16_t* k_norm, float eps,
+                        const RopeArgs& rope, const int64_t* slot_mapping, bf16_t* q_out,
+                        bf16_t* k_cache, bf16_t* v_cache, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  RopeWriteKvKernel<<<n, 256, 0, stream>>>(qkv, num_heads, num_kv_heads, head_dim, q_norm, k_norm,
+                                           eps, rope, slot_mapping, q_out, k_cache, v_cache);
+  return cudaGetLastError();
+}
+
+cudaError_t FillRandomBf16(bf16_t* dst, int64_t n, uint64_t seed, float mean, float stdev,
+                           cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  FillRandomKernel<bf16_t><<<GridFor(n, 256), 256, 0, stream>>>(dst, n, seed, mean, stdev);
+  return cudaGetLastError();
+}
+
+cudaError_t FillRandomF32(float* dst, int64_t n, uint64_t seed, float mean, float stdev,
+                          cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  FillRandomKernel<float><<<GridFor(n, 256), 256, 0, stream>>>(dst, n, seed, mean, stdev);
+  return cudaGetLastError();
+}
+
+cudaError_t CopyBlocks(bf16_t* cache, const int2* pairs, int32_t count, int64_t block_elems,
+                       cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  dim3 grid(static_cast<unsigned>((block_elems + 255) / 256 < 64 ? (block_elems + 255) / 256 : 64),
+            count);
+  CopyBlocksKernel<<<grid, 256, 0, stream>>>(cache, pairs, block_elems);
+  return cudaGetLastError();
+}
+
+}  // namespace qilin::cuda

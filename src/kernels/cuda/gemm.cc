@@ -1,0 +1,94 @@
+#include "kernels/cuda/gemm.h"
+
+#include "kernels/cuda/ops.h"
+
+namespace qilin::cuda {
+namespace {
+
+Status LtStatus(cublasStatus_t s, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return Status::Ok();
+  return Internal("cuBLASLt: {} failed with status {}", what, static_cast<int>(s));
+}
+
+}  // namespace
+
+Status CudaStatus(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return Status::Ok();
+  return Internal("CUDA: {} failed: {} ({})", what, cudaGetErrorString(err), cudaGetErrorName(err));
+}
+
+Gemm::~Gemm() {
+  for (auto& [key, p] : plans_) {
+    if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+    if (p.a) cublasLtMatrixLayoutDestroy(p.a);
+    if (p.b) cublasLtMatrixLayoutDestroy(p.b);
+    if (p.c) cublasLtMatrixLayoutDestroy(p.c);
+  }
+  if (workspace_) cudaFree(workspace_);
+  if (handle_) cublasLtDestroy(handle_);
+}
+
+Status Gemm::Init(size_t workspace_bytes) {
+  QILIN_RETURN_IF_ERROR(LtStatus(cublasLtCreate(&handle_), "cublasLtCreate"));
+  QILIN_RETURN_IF_ERROR(
+      CudaStatus(cudaMalloc(&workspace_, workspace_bytes), "cudaMalloc(cuBLASLt workspace)"));
+  workspace_bytes_ = workspace_bytes;
+  return Status::Ok();
+}
+
+// Row-major y[n, out] = x[n, in] W^T is column-major C[out, n] = op(A)[out, in] * B[in, n] with
+// A = W viewed column-major [in, out] (transposed) and B = x viewed column-major [in, n].
+Result<Gemm::Plan*> Gemm::GetPlan(int64_t n, int64_t in, int64_t out, bool bias, bool y_f32) {
+  auto key = std::make_tuple(n, in, out, bias, y_f32);
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return &it->second;
+  Plan p;
+  QILIN_RETURN_IF_ERROR(LtStatus(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F),
+                                 "cublasLtMatmulDescCreate"));
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta));
+  cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb));
+  if (bias) {
+    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    const cudaDataType_t bias_type = y_f32 ? CUDA_R_32F : CUDA_R_16BF;
+    cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi));
+    cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                   sizeof(bias_type));
+  }
+  const cudaDataType_t ct = y_f32 ? CUDA_R_32F : CUDA_R_16BF;
+  QILIN_RETURN_IF_ERROR(
+      LtStatus(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, in, out, in), "layout A"));
+  QILIN_RETURN_IF_ERROR(
+      LtStatus(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, in, n, in), "layout B"));
+  QILIN_RETURN_IF_ERROR(LtStatus(cublasLtMatrixLayoutCreate(&p.c, ct, out, n, out), "layout C"));
+  cublasLtMatmulPreference_t pref;
+  QILIN_RETURN_IF_ERROR(LtStatus(cublasLtMatmulPreferenceCreate(&pref), "preference"));
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                       &workspace_bytes_, sizeof(workspace_bytes_));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  cublasStatus_t s =
+      cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
+    return Internal("cuBLASLt: no algorithm for bf16 GEMM n={} in={} out={} (status {})", n, in,
+                    out, static_cast<int>(s));
+  }
+  p.algo = result.algo;
+  return &plans_.emplace(key, p).first->second;
+}
+
+Status Gemm::Linear(const void* x, int64_t n, int64_t in, const void* w, int64_t out,
+                    const void* bias, void* y, bool y_f32, cudaStream_t stream) {
+  if (n == 0) return Status::Ok();
+  QILIN_ASSIGN_OR_RETURN(Plan * p, GetPlan(n, in, out, bias != nullptr, y_f32));
+  if (bias) {
+    cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias));
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  return LtStatus(cublasLtMatmul(handle_, p->desc, &alpha, w, p->a, x, p->b, &beta, y, p->c, y,
+                                 p->c, &p->algo, workspace_, workspace_bytes_, stream),
+                  "cublasLtMatmul");
+}
+
+}  // namespace qilin::cuda

@@ -1,0 +1,128 @@
+// The CUDA backend: the same function as CpuBackend on one GPU. bf16 weights and KV cache,
+// f32 residual stream, cuBLASLt GEMMs, kernels from kernels/cuda, CUDA graphs for decode steps.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <array>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kernels/cuda/gemm.h"
+#include "kernels/cuda/ops.h"
+#include "model/config.h"
+#include "model/weights.h"
+#include "runtime/backend.h"
+
+namespace qilin {
+
+// Number of CUDA devices, 0 when there is no driver or device (never an error).
+int CudaDeviceCount();
+
+struct CudaBackendOptions {
+  bool cuda_graphs = true;  // capture decode-only steps per batch-size bucket
+};
+
+class CudaBackend : public Backend {
+ public:
+  // Uploads `weights` (bf16, f16 or f32 on the host; stored as bf16 on the device).
+  static Result<std::unique_ptr<CudaBackend>> Create(const ModelConfig& config,
+                                                     const ModelWeights& weights,
+                                                     CudaBackendOptions options = {});
+  // Random weights made on the device (matrices N(0, matrix_std), norms 1 + N(0, norm_std)):
+  // no host memory, seconds for a 7B config.
+  static Result<std::unique_ptr<CudaBackend>> CreateDummy(const ModelConfig& config, uint64_t seed,
+                                                          float matrix_std = 0.02f,
+                                                          float norm_std = 0.1f,
+                                                          CudaBackendOptions options = {});
+  ~CudaBackend() override;
+
+  std::string name() const override { return "cuda"; }
+  const ModelConfig& config() const override { return config_; }
+  int64_t KvBytesPerToken() const override;
+  Result<int32_t> ProposeNumKvBlocks(int32_t block_size, double memory_fraction,
+                                     int32_t max_num_tokens) const override;
+  Status AllocateKvCache(const KvCacheLayout& layout) override;
+  const KvCacheLayout& kv_layout() const override { return layout_; }
+  Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
+  Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) override;
+
+  // Bytes of weights on the device.
+  int64_t WeightBytes() const { return weight_bytes_; }
+  // Graphs captured so far (for tests and benchmarks).
+  int NumGraphs() const { return static_cast<int>(graphs_.size()); }
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  struct DevLayer {
+    cuda::bf16_t *input_norm = nullptr, *qkv = nullptr, *q_norm = nullptr, *k_norm = nullptr,
+                 *o = nullptr, *post_norm = nullptr, *gate_up = nullptr, *down = nullptr;
+    float *qkv_bias = nullptr, *o_bias = nullptr;  // f32, the type of the GEMM outputs
+  };
+  // Offsets (bytes) of one step's inputs in the host/device input buffers.
+  struct InputLayout {
+    size_t token_ids, positions, seq_of, table_of, logn, slot_mapping, query_start, block_tables,
+        logits_rows, decode_tokens, tiles, inv_freq, attn_scale, end;
+    int32_t n, seqs, stride, tiles_cap, tables_cap;
+  };
+  struct StepShape {
+    int32_t n = 0, seqs = 0, rows = 0, decode = 0, tiles = 0, max_splits = 1;
+    bool logn = false;
+  };
+
+  CudaBackend(const ModelConfig& config, CudaBackendOptions options);
+  Status Init();
+  Result<cuda::bf16_t*> Alloc(int64_t elems);
+  Status AllocWeights();
+  Status UploadWeights(const ModelWeights& w);
+  Status FillDummyWeights(uint64_t seed, float matrix_std, float norm_std);
+  Status EnsureActivations(int32_t max_tokens);
+  int64_t ActivationBytes(int32_t max_tokens) const;
+  InputLayout MakeLayout(int32_t n, int32_t seqs, int32_t stride, int32_t rows, int32_t tiles,
+                         int32_t tables) const;
+  Status EnsureInputBuffers(size_t bytes);
+  // Runs embedding .. lm_head for the inputs already on the device at `il`.
+  Status RunStep(const InputLayout& il, const StepShape& shape);
+  void DropGraphs();
+
+  ModelConfig config_;
+  CudaBackendOptions options_;
+  cudaStream_t stream_ = nullptr;
+  cuda::Gemm gemm_;
+  std::vector<void*> allocations_;      // weights and the KV pool
+  std::vector<void*> act_allocations_;  // activations (regrown when a batch is larger)
+  int64_t weight_bytes_ = 0;
+
+  cuda::bf16_t *embed_ = nullptr, *final_norm_ = nullptr, *lm_head_ = nullptr;
+  std::vector<DevLayer> layers_;
+
+  KvCacheLayout layout_;
+  cuda::bf16_t* kv_pool_ = nullptr;  // [layers][K, V][num_blocks + 1 scratch][block][kv_size]
+  int64_t layer_elems_ = 0;          // elements of one layer's K (or V) pool
+  int32_t table_cap_ = 0;            // block-table stride of graph steps
+  mutable int32_t planned_tokens_ = 0;
+
+  // Activations for act_tokens_ tokens.
+  int32_t act_tokens_ = 0;
+  float* x_ = nullptr;
+  // GEMM inputs in bf16, GEMM outputs in f32 (residual adds, rope and SwiGLU read f32).
+  cuda::bf16_t *h_ = nullptr, *q_ = nullptr, *attn_ = nullptr, *act_ = nullptr, *rows_h_ = nullptr;
+  float *qkv_ = nullptr, *y_ = nullptr, *gu_ = nullptr;
+  float* partial_ = nullptr;
+  float* logits_ = nullptr;  // [kLogitsChunk, vocab]
+
+  // Step inputs: pinned host staging and the device copy.
+  char* host_in_ = nullptr;
+  char* dev_in_ = nullptr;
+  size_t in_bytes_ = 0;
+
+  std::vector<float> base_inv_freq_;
+  float base_attn_scale_ = 1.0f;
+
+  std::map<int32_t, cudaGraphExec_t> graphs_;  // by bucket size
+};
+
+}  // namespace qilin

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root, over what tools/device/pack.sh put in .dev/gpu:
+# every GPU test, compute-sanitizer memcheck and racecheck over the GPU tests, `qilin generate
+# --device cuda`, and the benchmark; a short table at the end. Builds nothing. Logs go to $OUT.
+set -uo pipefail
+G="$(cd "$(dirname "$0")" && pwd)"
+OUT="${OUT:-/tmp/qilin-gpu-out}"
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH="$G/lib:${LD_LIBRARY_PATH:-}"
+export QILIN_FIXTURES_DIR="$G/fixtures"
+SAN="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
+declare -A RES
+nvidia-smi -L | tee "$OUT/device.txt"
+run() {  # name, timeout seconds, command...
+  local name=$1 t=$2
+  shift 2
+  local start=$(date +%s)
+  timeout "$t" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  RES[$name]="rc=$rc $(( $(date +%s) - start ))s"
+  echo "== $name: rc=$rc"; tail -n 25 "$OUT/$name.log"
+}
+run tests 240 "$G/qilin_cuda_tests"
+if [ -n "$SAN" ]; then
+  run memcheck 200 "$SAN" --tool memcheck --error-exitcode 9 "$G/qilin_cuda_tests" \
+    --gtest_filter='CudaOps.*:CudaBackend.*:Fixtures/CudaGoldenTest.*/qwen2:Fixtures/CudaGoldenTest.*/qwen3'
+  run racecheck 200 "$SAN" --tool racecheck --error-exitcode 9 "$G/qilin_cuda_tests" \
+    --gtest_filter='CudaOps.PagedAttention*:CudaOps.AddRmsNorm*:CudaOps.RopeWriteKv*'
+else
+  RES[memcheck]="compute-sanitizer not found"
+fi
+printf '{"prompt_ids":[1,2,3,4,5],"max_tokens":8}\n' >"$OUT/prompts.jsonl"
+run generate 120 "$G/qilin" generate --model "$G/configs/qwen2.5-0.5b" --dummy-weights \
+  --prompts-jsonl "$OUT/prompts.jsonl" --ignore-eos
+# The engine on the GPU: 24 prompts batched together vs one at a time (--max-batch-size 1), greedy.
+python3 - "$OUT/engine_prompts.jsonl" <<'PY'
+import json, random, sys
+random.seed(5)
+with open(sys.argv[1], "w") as f:
+    for i in range(24):
+        n = random.randint(1, 40)
+        f.write(json.dumps({"prompt_ids": [random.randrange(503) for _ in range(n)],
+                            "max_tokens": random.randint(1, 24)}) + "\n")
+PY
+run engine_batched 120 "$G/qilin" generate --device cuda --model "$G/fixtures/golden/qwen2" \
+  --prompts-jsonl "$OUT/engine_prompts.jsonl" --ignore-eos --max-num-tokens 64 --block-size 8
+cp "$OUT/engine_batched.log" "$OUT/engine_batched.out"
+run engine_alone 120 "$G/qilin" generate --device cuda --model "$G/fixtures/golden/qwen2" \
+  --prompts-jsonl "$OUT/engine_prompts.jsonl" --ignore-eos --max-batch-size 1 --block-size 8
+RES[engine_agree]="$(python3 - "$OUT/engine_batched.log" "$OUT/engine_alone.log" <<'PY'
+import json, sys
+def rows(p):
+    return [json.loads(l)["token_ids"] for l in open(p) if l.startswith("{")]
+a, b = rows(sys.argv[1]), rows(sys.argv[2])
+same = sum(x == y for x, y in zip(a, b))
+print(f"{same}/{len(a)} requests identical batched vs alone (of {len(b)})")
+PY
+)"
+if [ -x "$G/qilin_bench_tokenizer" ]; then
+  run tok_qilin 200 "$G/qilin_bench_tokenizer" --tokenizer "$G/tokenizer" --corpus "$G/tok_corpus.txt"
+  run tok_reference 300 python3 "$G/bench_reference.py" --data "$G/tokenizer" --corpus "$G/tok_corpus.txt"
+fi
+run bench 300 "$G/qilin_bench_cuda_decode" --model "$G/configs/qwen2.5-7b"
+if [ -f "$G/torch_baseline.py" ]; then run torch 200 python3 "$G/torch_baseline.py" "$G/configs/qwen2.5-7b"; fi
+echo; echo "== summary"
+grep -h -E "^\[  (PASSED|FAILED)|FAILED  \]|tests? ran" "$OUT/tests.log" | tail -n 20
+grep -h -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log 2>/dev/null
+grep -h "cuda golden" "$OUT/tests.log"
+for k in "${!RES[@]}"; do printf '%-10s %s\n' "$k" "${RES[$k]}"; done
+tail -n 2 "$OUT/generate.log"
+sed -n '/== qilin CUDA backend/,$p' "$OUT/bench.log"
+tail -n 8 "$OUT/torch.log" 2>/dev/null
+echo "== tokenizer"; tail -n 12 "$OUT/tok_qilin.log" 2>/dev/null; tail -n 12 "$OUT/tok_reference.log" 2>/dev/null
