@@ -157,12 +157,14 @@ class Responder : public HttpResponder, public std::enable_shared_from_this<Resp
 }  // namespace
 
 struct HttpServer::Impl {
+  // Declared before ioc: destroying ioc destroys the handlers still holding sessions, whose
+  // destructors take them out of this set.
+  std::mutex sessions_mu;
+  std::unordered_set<Session*> sessions;
   net::io_context ioc;
   std::optional<tcp::acceptor> acceptor;
   std::optional<net::executor_work_guard<net::io_context::executor_type>> work;
   HttpServer* server = nullptr;
-  std::mutex sessions_mu;
-  std::unordered_set<Session*> sessions;
 };
 
 namespace {
@@ -173,6 +175,7 @@ class Session : public std::enable_shared_from_this<Session> {
           const Router* router, HttpServerCounters* counters,
           const std::function<void(const HttpRequest&, int, size_t, double)>* observer)
       : stream_(std::move(socket)),
+        header_timer_(stream_.get_executor()),
         impl_(impl),
         options_(*options),
         router_(*router),
@@ -256,7 +259,19 @@ class Session : public std::enable_shared_from_this<Session> {
     parser_.emplace();
     parser_->body_limit(options_.max_body_bytes);
     parser_->header_limit(static_cast<uint32_t>(options_.max_header_bytes));
-    stream_.expires_after(options_.header_timeout);
+    // The whole request (header and body) must arrive within header_timeout. A timer of our
+    // own, not the stream's timeout, which would close the socket before the 408 is written.
+    stream_.expires_never();
+    header_timed_out_ = false;
+    header_timer_.expires_after(options_.header_timeout);
+    const uint64_t gen = ++header_gen_;
+    header_timer_.async_wait([self = shared_from_this(), gen](beast::error_code ec) {
+      // Cancelled (the request arrived), or a stale expiry of an earlier request.
+      if (ec || self->closing_ || gen != self->header_gen_ || !self->parser_) return;
+      self->header_timed_out_ = true;
+      beast::error_code ignore;
+      self->stream_.socket().cancel(ignore);
+    });
     reading_ = true;
     http::async_read_header(stream_, buffer_, *parser_,
                             [self = shared_from_this()](beast::error_code ec, size_t) {
@@ -283,6 +298,8 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void ReadFailed(beast::error_code ec) {
+    header_timer_.cancel();
+    if (header_timed_out_) ec = beast::error::timeout;
     if (ec == http::error::end_of_stream || ec == net::error::eof ||
         ec == net::error::connection_reset || ec == net::error::operation_aborted) {
       return Close();
@@ -328,6 +345,7 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void OnRequest() {
+    header_timer_.cancel();
     auto msg = parser_->release();
     parser_.reset();
     ++counters_.requests;
@@ -393,7 +411,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // While a response runs, a read detects the client closing (and buffers a pipelined next
   // request, up to a bound).
   void WatchForClose() {
-    if (reading_ || closing_ || buffer_.size() > 65536) return;
+    // With a pipelined request already buffered, no watch: that request is read next.
+    if (reading_ || closing_ || buffer_.size() > 0) return;
     reading_ = true;
     stream_.async_read_some(buffer_.prepare(4096),
                             [self = shared_from_this()](beast::error_code ec, size_t n) {
@@ -403,7 +422,12 @@ class Session : public std::enable_shared_from_this<Session> {
                                 return self->Close();
                               }
                               self->buffer_.commit(n);
-                              if (self->finished_ && !self->writing_) {
+                              if (self->awaiting_request_) {
+                                // The response ended while this read was pending: these
+                                // bytes start the next request on the connection.
+                                self->awaiting_request_ = false;
+                                self->ReadHeader();
+                              } else if (self->finished_ && !self->writing_) {
                                 self->AfterResponse();
                               } else {
                                 self->WatchForClose();
@@ -417,6 +441,11 @@ class Session : public std::enable_shared_from_this<Session> {
     net::async_write(stream_, net::buffer(writes_.front()),
                      [self = shared_from_this()](beast::error_code ec, size_t n) {
                        self->writing_ = false;
+                       if (self->closing_) {
+                         // Closed while this write ran: its buffer was kept alive until now.
+                         self->writes_.clear();
+                         return;
+                       }
                        if (self->responder_) self->responder_->pending_ -= n;
                        if (ec) return self->Close();
                        self->writes_.pop_front();
@@ -443,6 +472,7 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     if (reading_) {
       // The close watch is pending: it becomes the wait for the next request.
+      awaiting_request_ = true;
       stream_.expires_after(options_.idle_timeout);
       return;
     }
@@ -466,6 +496,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void Close() {
     if (closing_) return;
     closing_ = true;
+    header_timer_.cancel();
     if (responder_) {
       std::shared_ptr<Responder> r = responder_;
       r->closed_ = true;
@@ -483,11 +514,15 @@ class Session : public std::enable_shared_from_this<Session> {
     beast::error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
     stream_.socket().close(ec);
-    writes_.clear();
+    // An async_write in flight still reads writes_.front(): its handler clears the rest.
+    if (!writing_) writes_.clear();
   }
 
  private:
   beast::tcp_stream stream_;
+  net::steady_timer header_timer_;
+  bool header_timed_out_ = false;
+  uint64_t header_gen_ = 0;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   HttpServer::Impl* impl_;
@@ -500,7 +535,8 @@ class Session : public std::enable_shared_from_this<Session> {
   bool writing_ = false;
   bool reading_ = false;
   bool closing_ = false;
-  bool finished_ = false;  // the current response is complete (maybe not yet written)
+  bool finished_ = false;          // the current response is complete (maybe not yet written)
+  bool awaiting_request_ = false;  // between responses, with the close-watch read pending
   size_t bytes_out_ = 0;
   size_t drained_ = 0;
 };
@@ -675,13 +711,17 @@ void HttpServer::StopAccepting() {
 void HttpServer::Stop() {
   if (!impl_) return;
   StopAccepting();
+  std::vector<std::shared_ptr<Session>> open;
   {
     std::lock_guard<std::mutex> lock(impl_->sessions_mu);
     for (Session* s : impl_->sessions) {
       // The set holds live sessions only (erased in the destructor under the lock).
-      if (auto sp = s->weak_from_this().lock()) sp->Abandon();
+      if (auto sp = s->weak_from_this().lock()) open.push_back(std::move(sp));
     }
   }
+  // Outside the lock: dropping the last reference runs ~Session, which takes it.
+  for (auto& sp : open) sp->Abandon();
+  open.clear();
   impl_->work.reset();
   // Give the close handlers a moment to run, then stop the loop.
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
