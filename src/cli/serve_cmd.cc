@@ -285,20 +285,25 @@ int RunServe(ServeOptions o) {
   mo.threads = 1;
   mo.access_log = false;
   server::HttpServer metrics_http(mo);
-  metrics_http.router().Add(
-      "GET", "/metrics",
-      [&](server::HttpRequest&, server::ResponderPtr res) {
-        res->Respond(200, "text/plain; version=0.0.4; charset=utf-8",
-                     metrics.Render(pipe->stats(), http.counters().connections_open.load(),
-                                    service.active()));
-      },
-      false);
-
   // Triton / KServe v2: the models of the repository, over gRPC (and /v2 on HTTP).
   server::TritonModelsOptions tmo;
   tmo.max_queued_requests =
       repo.settings.max_queue_size > 0 ? 0 : int64_t{po.engine.max_batch_size} + o.max_queue;
   server::TritonModels triton(&pipe->engine(), pipe->tokenizer_ptr(), repo, tmo);
+
+  metrics_http.router().Add(
+      "GET", "/metrics",
+      [&](server::HttpRequest&, server::ResponderPtr res) {
+        std::vector<server::ModelRequestCounts> counts;
+        for (const auto& m : repo.models) {
+          const server::ModelStats st = triton.stats(m.name);
+          counts.push_back({m.name, st.success, st.fail, (st.success_ns + st.fail_ns) / 1000});
+        }
+        res->Respond(200, "text/plain; version=0.0.4; charset=utf-8",
+                     metrics.Render(pipe->stats(), http.counters().connections_open.load(),
+                                    service.active() + triton.in_flight(), counts));
+      },
+      false);
   server::RegisterKserveRoutes(&triton, &http.router());
   server::GrpcServerOptions go;
   go.host = o.host;

@@ -80,6 +80,42 @@ struct CallHolder {
   }
 };
 
+// Protobuf's JSON writes int64 fields as strings ("-1"); Triton's HTTP API writes shapes and
+// dims as numbers, and clients index them as numbers.
+void NumbersForInt64(nlohmann::ordered_json& j, bool in_int_array = false) {
+  using json = nlohmann::ordered_json;
+  if (j.is_object()) {
+    for (auto& [k, v] : j.items()) {
+      NumbersForInt64(v, k == "shape" || k == "dims" || k == "preferred_batch_size");
+      if (v.is_string() && k.ends_with("_microseconds")) {
+        json n = json::parse(v.get<std::string>(), nullptr, false);
+        if (n.is_number_integer()) v = n;
+      }
+    }
+  } else if (j.is_array()) {
+    for (auto& v : j) {
+      if (in_int_array && v.is_string()) {
+        json n = json::parse(v.get<std::string>(), nullptr, false);
+        if (n.is_number_integer()) v = n;
+      } else {
+        NumbersForInt64(v);
+      }
+    }
+  }
+}
+
+std::string ProtoToJson(const google::protobuf::Message& m) {
+  std::string s;
+  google::protobuf::util::JsonPrintOptions o;
+  o.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &s, o);
+  // Ordered: the fields keep the proto's order (name, versions, platform, inputs, ...).
+  nlohmann::ordered_json j = nlohmann::ordered_json::parse(s, nullptr, false);
+  if (j.is_discarded()) return s;
+  NumbersForInt64(j);
+  return j.dump();
+}
+
 Result<json> ParseBody(const HttpRequest& req) {
   json body = json::parse(req.body, nullptr, false);
   if (body.is_discarded()) return InvalidArgument("the request body is not valid JSON");
@@ -240,20 +276,10 @@ void RegisterKserveRoutes(TritonModels* models, Router* router) {
     const RepositoryModel* m = models->Find(name);
     if (!m) return SendError(res, NotFound("unknown model '{}'", name));
     if (tail.empty() || tail == "/") {
-      std::string s;
-      google::protobuf::util::JsonPrintOptions o;
-      o.preserve_proto_field_names = true;
-      (void)google::protobuf::util::MessageToJsonString(models->Metadata(*m), &s, o);
-      return res->Respond(200, "application/json", s);
+      return res->Respond(200, "application/json", ProtoToJson(models->Metadata(*m)));
     }
     if (tail == "/ready") return res->Respond(200, "text/plain", "");
-    if (tail == "/config") {
-      std::string s;
-      google::protobuf::util::JsonPrintOptions o;
-      o.preserve_proto_field_names = true;
-      (void)google::protobuf::util::MessageToJsonString(m->config, &s, o);
-      return res->Respond(200, "application/json", s);
-    }
+    if (tail == "/config") return res->Respond(200, "application/json", ProtoToJson(m->config));
     SendError(res, NotFound("no route GET {}", req.path));
   };
   auto post = [models](HttpRequest& req, ResponderPtr res) {

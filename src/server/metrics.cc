@@ -97,7 +97,8 @@ void ServerMetrics::RecordGeneration(int64_t prompt_tokens, int64_t generated_to
 }
 
 std::string ServerMetrics::Render(const EngineStats& s, int64_t open_connections,
-                                  int64_t active_requests) const {
+                                  int64_t active_requests,
+                                  const std::vector<ModelRequestCounts>& triton_models) const {
   std::string out;
   const std::string m = fmt::format("model=\"{}\",version=\"1\"", PromEscape(model_));
   const std::string model_only = fmt::format("model_name=\"{}\"", PromEscape(model_));
@@ -106,13 +107,35 @@ std::string ServerMetrics::Render(const EngineStats& s, int64_t open_connections
   // written untyped here so that Prometheus' own lint (promtool) accepts the exposition.
   out += "# HELP nv_inference_request_success Number of successful inference requests\n";
   out += fmt::format("nv_inference_request_success{{{}}} {}\n", m, success_.load());
+  auto label = [](const ModelRequestCounts& t) {
+    return fmt::format("model=\"{}\",version=\"1\"", PromEscape(t.model));
+  };
+  for (const auto& t : triton_models) {
+    out += fmt::format("nv_inference_request_success{{{}}} {}\n", label(t), t.success);
+  }
   out += "# HELP nv_inference_request_failure Number of failed inference requests\n";
   out += fmt::format("nv_inference_request_failure{{{},reason=\"REJECTED\"}} {}\n", m,
                      rejected_.load());
   out +=
       fmt::format("nv_inference_request_failure{{{},reason=\"BACKEND\"}} {}\n", m, failure_.load());
+  for (const auto& t : triton_models) {
+    out += fmt::format("nv_inference_request_failure{{{},reason=\"BACKEND\"}} {}\n", label(t),
+                       t.failure);
+  }
   out += "# HELP nv_inference_count Number of inferences performed\n";
   out += fmt::format("nv_inference_count{{{}}} {}\n", m, success_.load() + failure_.load());
+  for (const auto& t : triton_models) {
+    out += fmt::format("nv_inference_count{{{}}} {}\n", label(t), t.success + t.failure);
+  }
+  // Triton's nv_inference_request_duration_us, in seconds (promtool refuses abbreviated units).
+  Header(&out, "qilin_inference_request_duration_seconds_total", "counter",
+         "Cumulative inference request duration, by model");
+  out += fmt::format("qilin_inference_request_duration_seconds_total{{{}}} {}\n", m,
+                     Num(request_duration_us_.load() / 1e6));
+  for (const auto& t : triton_models) {
+    out += fmt::format("qilin_inference_request_duration_seconds_total{{{}}} {}\n", label(t),
+                       Num(t.duration_us / 1e6));
+  }
   out += "# HELP nv_inference_pending_request_count Requests waiting to be scheduled\n";
   out += fmt::format("nv_inference_pending_request_count{{{}}} {}\n", m, s.waiting);
   out += "# HELP nv_trt_llm_request_metrics TRT-LLM request metrics\n";
@@ -198,6 +221,13 @@ std::string ServerMetrics::Render(const EngineStats& s, int64_t open_connections
   Header(&out, "qilin_prefix_cache_hit_rate", "gauge", "Hits / queries since start");
   out += fmt::format("qilin_prefix_cache_hit_rate{{{}}} {}\n", model_only,
                      Num(s.prefix_cache_hit_rate()));
+  Header(&out, "qilin_engine_prefill_tokens_total", "counter",
+         "Prompt tokens the engine ran (all APIs; prefix cache hits not counted)");
+  out += fmt::format("qilin_engine_prefill_tokens_total{{{}}} {}\n", model_only, s.prefill_tokens);
+  Header(&out, "qilin_engine_generated_tokens_total", "counter",
+         "Tokens the engine generated (all APIs)");
+  out +=
+      fmt::format("qilin_engine_generated_tokens_total{{{}}} {}\n", model_only, s.generated_tokens);
   Header(&out, "qilin_engine_steps_total", "counter", "Engine steps run");
   out += fmt::format("qilin_engine_steps_total{{{}}} {}\n", model_only, s.steps);
   Header(&out, "qilin_preemptions_total", "counter", "Sequences preempted for KV blocks");

@@ -32,6 +32,14 @@ class Histogram {
   uint64_t count_ = 0;
 };
 
+// Requests of one Triton model (ensemble, tensorrt_llm, ...: HTTP /v2 and gRPC together).
+struct ModelRequestCounts {
+  std::string model;
+  int64_t success = 0;
+  int64_t failure = 0;
+  int64_t duration_us = 0;  // success + failure time
+};
+
 class ServerMetrics {
  public:
   explicit ServerMetrics(std::string model_name);
@@ -46,8 +54,10 @@ class ServerMetrics {
   void RequestRejected() { rejected_.fetch_add(1); }  // 429
 
   // The text format, with the engine's gauges and counters as of `stats`.
-  std::string Render(const EngineStats& stats, int64_t open_connections,
-                     int64_t active_requests) const;
+  // `triton_models`: the KServe v2 models' counters, written beside the OpenAI API's (labelled
+  // with the served model name) under Triton's nv_inference_* names.
+  std::string Render(const EngineStats& stats, int64_t open_connections, int64_t active_requests,
+                     const std::vector<ModelRequestCounts>& triton_models = {}) const;
 
   uint64_t ttft_count() const { return ttft_.count(); }
 
