@@ -12,6 +12,9 @@ PACKAGES=(
   nlohmann-json3-dev libfmt-dev libspdlog-dev libcli11-dev
   libutf8proc-dev libpcre2-dev
   clang libclang-rt-14-dev libomp-dev
+  libboost1.81-dev
+  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+  curl prometheus
 )
 # Node.js + npm (end-to-end tests with real client SDKs): any install will do; Debian's packages
 # only where none is present (a machine may carry a newer Node.js that conflicts with Debian's npm).
@@ -28,6 +31,11 @@ if ((${#missing[@]})); then
   [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The e2e suite's node packages (the official openai SDK), pinned by package-lock.json.
+if [ ! -d tests/e2e/node_modules/openai ]; then
+  (cd tests/e2e && npm ci --no-audit --no-fund --silent) || echo "setup: npm ci in tests/e2e failed"
 fi
 
 [ "${1:-}" = "--deps" ] && exit 0

@@ -22,4 +22,9 @@ class IncrementalDetokenizer {
 using DetokenizerFactory =
     std::function<std::unique_ptr<IncrementalDetokenizer>(const std::vector<int32_t>& prompt)>;
 
+struct Request;
+// As DetokenizerFactory, seeing the whole request (e.g. its skip_special_tokens).
+using RequestDetokenizerFactory =
+    std::function<std::unique_ptr<IncrementalDetokenizer>(const Request& request)>;
+
 }  // namespace qilin

@@ -184,7 +184,7 @@ Result<std::shared_ptr<ResponseStream>> Engine::Submit(Request request) {
   }
   const SamplingParams& p = request.sampling;
   QILIN_RETURN_IF_ERROR(ValidateParams(p, vocab_));
-  if (!p.stop.empty() && !detok_factory_) {
+  if (!p.stop.empty() && !has_detokenizer()) {
     return InvalidArgument("stop strings need a detokenizer and none is attached to the engine");
   }
   QILIN_RETURN_IF_ERROR(scheduler_->CheckFits(request));
@@ -197,7 +197,7 @@ Result<std::shared_ptr<ResponseStream>> Engine::Submit(Request request) {
   g->stream = std::make_shared<ResponseStream>(g->id, outputs);
   auto s = std::make_unique<Sequence>();
   s->tokens = request.prompt;
-  if (detok_factory_) s->detok = detok_factory_(request.prompt);
+  s->detok = MakeDetokenizer(request);
   g->seqs.push_back(std::move(s));
   g->request = std::move(request);
   std::shared_ptr<ResponseStream> stream = g->stream;
@@ -438,7 +438,7 @@ void Engine::ProcessOutputs(const SchedulerOutput& out) {
       std::vector<Sequence*> seqs{s};
       for (int32_t k = 1; k < n; ++k) {
         Sequence* child = scheduler_->Fork(g, *s);
-        if (detok_factory_) child->detok = detok_factory_(g->request.prompt);
+        child->detok = MakeDetokenizer(g->request);
         seqs.push_back(child);
       }
       g->forked = true;

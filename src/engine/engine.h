@@ -79,6 +79,10 @@ class Engine {
 
   // Attaches a detokenizer (text deltas, stop strings). Call before the first Submit.
   void SetDetokenizerFactory(DetokenizerFactory factory) { detok_factory_ = std::move(factory); }
+  // As SetDetokenizerFactory, for a factory that reads the request (it takes precedence).
+  void SetRequestDetokenizerFactory(RequestDetokenizerFactory factory) {
+    request_detok_factory_ = std::move(factory);
+  }
 
   // Validates the request (a request that can never fit is refused here, naming the limit) and
   // queues it. Thread-safe.
@@ -128,6 +132,12 @@ class Engine {
   std::unique_ptr<Scheduler> scheduler_;
   std::vector<std::unique_ptr<Sampler>> samplers_;  // one per sampling thread
   DetokenizerFactory detok_factory_;
+  RequestDetokenizerFactory request_detok_factory_;
+  bool has_detokenizer() const { return detok_factory_ || request_detok_factory_; }
+  std::unique_ptr<IncrementalDetokenizer> MakeDetokenizer(const Request& request) const {
+    if (request_detok_factory_) return request_detok_factory_(request);
+    return detok_factory_ ? detok_factory_(request.prompt) : nullptr;
+  }
   int32_t max_stop_len_ = 0;
 
   // Loop-thread state.

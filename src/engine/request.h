@@ -37,6 +37,8 @@ struct SamplingParams {
   // Stop strings: checked on the detokenized text when the engine has a detokenizer attached;
   // without one they are refused at submit.
   std::vector<std::string> stop;
+  // Detokenized text leaves out special tokens (read by a RequestDetokenizerFactory).
+  bool skip_special_tokens = true;
   // Banned token sequences: the last token of a sequence is masked whenever the sequence's
   // tail (prompt + generated) equals the other tokens. Single-token entries are always banned.
   std::vector<std::vector<int32_t>> bad_words;

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <optional>
 
@@ -28,6 +29,24 @@ class ResponseStream {
       queue_.push_back(std::move(response));
     }
     cv_.notify_all();
+    Notify();
+  }
+
+  // Async consumers: `fn` runs (on the pushing thread, so it must be quick: e.g. post to an
+  // event loop) after every Push, and once at once when responses are already queued. Clear it
+  // (nullptr) before the listener's captures go away.
+  void SetListener(std::function<void()> fn) {
+    bool pending;
+    {
+      std::lock_guard<std::mutex> lock(listener_mu_);
+      listener_ = std::move(fn);
+      pending = static_cast<bool>(listener_);
+    }
+    if (pending) {
+      std::lock_guard<std::mutex> lock(mu_);
+      pending = !queue_.empty() || open_sequences_ == 0;
+    }
+    if (pending) Notify();
   }
 
   // Blocks until a response is there or the stream is closed and drained (then nullopt).
@@ -61,7 +80,14 @@ class ResponseStream {
     return r;
   }
 
+  void Notify() {
+    std::lock_guard<std::mutex> lock(listener_mu_);
+    if (listener_) listener_();
+  }
+
   const int64_t request_id_;
+  std::mutex listener_mu_;  // held while the listener runs, so clearing it waits for a call
+  std::function<void()> listener_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Response> queue_;
