@@ -37,6 +37,11 @@ fi
 if [ ! -d tests/e2e/node_modules/openai ]; then
   (cd tests/e2e && npm ci --no-audit --no-fund --silent) || echo "setup: npm ci in tests/e2e failed"
 fi
+# The deploy check's node packages (kubernetes-models, ajv, yaml), pinned by package-lock.json.
+if [ ! -d tests/deploy/node_modules/kubernetes-models ]; then
+  (cd tests/deploy && npm ci --no-audit --no-fund --silent) ||
+    echo "setup: npm ci in tests/deploy failed"
+fi
 
 [ "${1:-}" = "--deps" ] && exit 0
 
