@@ -340,7 +340,7 @@ bool TritonModels::Decoupled(const RepositoryModel& m) const {
 inference::ModelMetadataResponse TritonModels::Metadata(const RepositoryModel& m) const {
   inference::ModelMetadataResponse md;
   md.set_name(m.name);
-  md.add_versions("1");
+  md.add_versions()->assign(1, '1');  // (not add_versions("1"): a GCC 12 -Wrestrict false positive)
   md.set_platform(m.config.platform().empty() ? m.config.backend() : m.config.platform());
   const bool batched = m.config.max_batch_size() > 0;
   for (const auto& in : m.config.input()) {
