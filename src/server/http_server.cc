@@ -403,7 +403,11 @@ class Session : public std::enable_shared_from_this<Session> {
                                 return self->Close();
                               }
                               self->buffer_.commit(n);
-                              if (self->finished_ && !self->writing_) {
+                              if (!self->responder_) {
+                                // The response is done (AfterResponse ran while this read was
+                                // posted): these bytes are the next request.
+                                self->WaitForRequest();
+                              } else if (self->finished_ && !self->writing_) {
                                 self->AfterResponse();
                               } else {
                                 self->WatchForClose();
