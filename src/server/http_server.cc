@@ -487,7 +487,12 @@ class Session : public std::enable_shared_from_this<Session> {
     beast::error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
     stream_.socket().close(ec);
-    writes_.clear();
+    // An async_write in flight still reads writes_.front(): keep it until the write completes.
+    if (writing_) {
+      writes_.erase(writes_.begin() + 1, writes_.end());
+    } else {
+      writes_.clear();
+    }
   }
 
  private:

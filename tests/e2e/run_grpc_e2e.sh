@@ -61,6 +61,44 @@ else
   echo "grpc e2e: python3-grpcio / python3-grpc-tools missing: the Python example is not run"
 fi
 
+# --- qilin bench against this server (HTTP and gRPC) and in-process: every request completes
+# with exactly --output-len tokens, and (HTTP) the server's own counter of generated tokens
+# grows by the same amount (qilin_generation_tokens_total counts the OpenAI API's requests).
+gen_tokens() {
+  curl -s "http://127.0.0.1:$MPORT/metrics" | awk '/^qilin_generation_tokens_total/ {s += $NF} END {print s + 0}'
+}
+check_bench() {  # NAME FILE REQUESTS OUTPUT_LEN
+  node -e '
+const [file, n, len] = [process.argv[1], +process.argv[2], +process.argv[3]];
+const j = JSON.parse(require("fs").readFileSync(file, "utf8"));
+const bad = [];
+if (j.completed !== n || j.failed !== 0) bad.push(`completed ${j.completed} failed ${j.failed} ${j.errors}`);
+if (j.output_tokens !== n * len) bad.push(`output tokens ${j.output_tokens}, want ${n * len}`);
+for (const k of ["ttft_ms", "itl_ms", "tpot_ms", "e2e_latency_ms"]) {
+  const d = j[k];
+  if (!(d.p50 > 0 && d.p50 <= d.p90 && d.p90 <= d.p99 && d.p99 <= d.max)) bad.push(`${k} ${JSON.stringify(d)}`);
+}
+if (!(j.request_throughput > 0 && j.output_throughput > 0)) bad.push("throughput");
+if (bad.length) { console.error(bad.join("\n")); process.exit(1); }
+console.log(`${j.setup.mode}: ${j.completed} requests, ${j.output_throughput.toFixed(1)} output tok/s, TTFT p50 ${j.ttft_ms.p50.toFixed(1)} ms, ITL p50 ${j.itl_ms.p50.toFixed(1)} ms`);
+' "$2" "$3" "$4" || fail "bench $1: $(cat "$2")"
+}
+before=$(gen_tokens)
+"$QILIN" bench --url "http://127.0.0.1:$PORT" --api-key "$KEY" --num-requests 12 --input-len 48 \
+  --output-len 16 --concurrency 4 --json >"$LOG.bench" 2>&1 || fail "bench --url: $(cat "$LOG.bench")"
+check_bench http "$LOG.bench" 12 16
+after=$(gen_tokens)
+[ "$((after - before))" = $((12 * 16)) ] ||
+  fail "the server generated $((after - before)) tokens for the HTTP bench run, want $((12 * 16))"
+"$QILIN" bench --grpc "127.0.0.1:$GPORT" --num-requests 12 --input-len 48 --output-len 16 \
+  --request-rate 30 --json >"$LOG.bench" 2>&1 || fail "bench --grpc: $(cat "$LOG.bench")"
+check_bench grpc "$LOG.bench" 12 16
+"$QILIN" bench --model "$ROOT/models/demo" --device cpu --num-requests 12 --input-len 48 \
+  --output-len 16 --range-ratio 0 --concurrency 6 --json >"$LOG.bench" 2>/dev/null ||
+  fail "bench --model: $(cat "$LOG.bench")"
+check_bench offline "$LOG.bench" 12 16
+echo "grpc e2e: qilin bench (HTTP, gRPC, in-process) ok"
+
 kill -TERM "$PID"
 for _ in $(seq 1 150); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$PID" 2>/dev/null && fail "still running 15 s after SIGTERM"
