@@ -15,6 +15,7 @@ PACKAGES=(
   libboost1.81-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   curl prometheus
+  python3-grpcio python3-grpc-tools
 )
 # Node.js + npm (end-to-end tests with real client SDKs): any install will do; Debian's packages
 # only where none is present (a machine may carry a newer Node.js that conflicts with Debian's npm).

@@ -51,11 +51,18 @@ if [ -f "$HERE/chat_stream_check.mjs" ]; then
 fi
 
 # --- the Python example client (plain grpcio), where Debian's python3-grpcio is installed.
-if python3 -c 'import grpc, grpc_tools' 2>/dev/null; then
-  python3 "$ROOT/examples/python/kserve_grpc_client.py" --url "127.0.0.1:$GPORT" \
-    --text "It is a truth universally acknowledged" --max-tokens 8 --streaming >"$LOG.py" 2>&1 ||
+# Debian's packages serve /usr/bin/python3, which may not be the python3 first on PATH.
+PY=""
+for p in python3 /usr/bin/python3; do
+  if command -v "$p" >/dev/null && "$p" -c 'import grpc, grpc_tools' 2>/dev/null; then PY="$p"; break; fi
+done
+if [ -n "$PY" ]; then
+  "$PY" "$ROOT/examples/python/kserve_grpc_client.py" --url "127.0.0.1:$GPORT" \
+    --text "It is a truth universally acknowledged" --max-tokens 8 --streaming --requests 3 \
+    >"$LOG.py" 2>&1 ||
     { cat "$LOG.py"; fail "examples/python/kserve_grpc_client.py"; }
-  grep -q "final response" "$LOG.py" || { cat "$LOG.py"; fail "python client: no final response"; }
+  grep -q "final response for 3 of 3 requests" "$LOG.py" ||
+    { cat "$LOG.py"; fail "python client: not every request got its final response"; }
   echo "grpc e2e: python grpcio client ok"
 else
   echo "grpc e2e: python3-grpcio / python3-grpc-tools missing: the Python example is not run"
