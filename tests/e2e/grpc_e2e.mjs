@@ -402,6 +402,29 @@ await section("ModelStreamInfer: cancel frees the request", async () => {
   check((await unary("ServerReady", {})).ready === true, "ready after cancel");
 });
 
+await section("ModelInfer: a client that goes away cancels the generation", async () => {
+  // 480 tokens take seconds on the demo model; the client gives up after 300 ms.
+  const req = { model_name: "ensemble", inputs: [bytes("text_input", ["Once upon a time"], [1, 1]),
+                int32("max_tokens", [480], [1, 1]), int32("end_id", [151935], [1, 1])] };
+  const steps0 = await metric("qilin_engine_steps_total");
+  const calls = [0, 1].map(() => new Promise((resolve) =>
+    client.ModelInfer(req, { deadline: Date.now() + 300 }, (err) => resolve(err))));
+  const errs = await Promise.all(calls);
+  check(errs.every((e) => e && e.code === grpc.status.DEADLINE_EXCEEDED),
+        `deadline exceeded (${errs.map((e) => e && e.code)})`);
+  let run = NaN, blocks = NaN;
+  for (let i = 0; i < 50; ++i) {
+    run = await metric("qilin_num_requests_running");
+    blocks = await metric("qilin_kv_cache_blocks_used");
+    if (run === 0 && blocks === 0) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  check(run === 0 && blocks === 0, `requests cancelled and blocks freed (running ${run}, blocks ${blocks})`);
+  // Run to their end, the two would take 480 decode steps; cancelled, far fewer ran.
+  const steps = (await metric("qilin_engine_steps_total")) - steps0;
+  check(steps < 400, `the engine stopped the cancelled generations (${steps} steps of 480)`);
+});
+
 client.close();
 if (failures) {
   console.error(`grpc e2e: ${failures} failure(s)`);
