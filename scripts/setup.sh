@@ -15,6 +15,7 @@ PACKAGES=(
   libboost1.81-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   curl prometheus
+  python3-grpcio python3-grpc-tools
 )
 # Node.js + npm (end-to-end tests with real client SDKs): any install will do; Debian's packages
 # only where none is present (a machine may carry a newer Node.js that conflicts with Debian's npm).
@@ -36,6 +37,11 @@ fi
 # The e2e suite's node packages (the official openai SDK), pinned by package-lock.json.
 if [ ! -d tests/e2e/node_modules/openai ]; then
   (cd tests/e2e && npm ci --no-audit --no-fund --silent) || echo "setup: npm ci in tests/e2e failed"
+fi
+# The deploy check's node packages (kubernetes-models, ajv, yaml), pinned by package-lock.json.
+if [ ! -d tests/deploy/node_modules/kubernetes-models ]; then
+  (cd tests/deploy && npm ci --no-audit --no-fund --silent) ||
+    echo "setup: npm ci in tests/deploy failed"
 fi
 
 [ "${1:-}" = "--deps" ] && exit 0

@@ -240,6 +240,84 @@ class StreamReactor : public grpc::ServerBidiReactor<inference::ModelInferReques
   bool finishing_ = false;
 };
 
+// ---- ModelInfer: one reactor per call; a client that goes away cancels the generation ------
+
+class UnaryInferReactor : public grpc::ServerUnaryReactor {
+ public:
+  UnaryInferReactor(TritonModels* models, const inference::ModelInferRequest& req,
+                    inference::ModelInferResponse* resp)
+      : resp_(resp) {
+    auto parsed = FromProto(req);
+    if (!parsed.ok()) {
+      FinishOnce(ToGrpc(parsed.status()));
+      return;
+    }
+    for (const auto& t : parsed->inputs) {
+      if ((t.name == "stream" || t.name == "streaming") && t.size() == 1 &&
+          (t.is_float() ? t.floats[0] != 0 : t.ints[0] != 0)) {
+        FinishOnce(grpc::Status(
+            grpc::StatusCode::INVALID_ARGUMENT,
+            "input '" + t.name + "' is true: streaming needs the ModelStreamInfer RPC"));
+        return;
+      }
+    }
+    auto call = models->Infer(std::move(parsed).value(), [this](InferResponse r) {
+      if (!r.final) return;  // not streamed: only the final response carries data
+      if (!r.error.ok()) return FinishOnce(ToGrpc(r.error));
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (finished_) return;
+        finished_ = true;
+        ToProto(r, resp_);
+      }
+      // No lock held: OnDone (delete this) may follow Finish at once.
+      Finish(grpc::Status::OK);
+    });
+    if (!call.ok()) {
+      FinishOnce(ToGrpc(call.status()));
+      return;
+    }
+    bool cancel_now;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      call_ = *call;
+      cancel_now = cancelled_;
+    }
+    if (cancel_now) (*call)->Cancel();
+  }
+
+  // The client went away (or its deadline passed): stop the generation, free its KV blocks.
+  void OnCancel() override {
+    std::shared_ptr<InferCall> c;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancelled_ = true;
+      c = call_;
+    }
+    // Outside mu_: the call's callback takes mu_ while holding the call's lock.
+    if (c) c->Cancel();
+    FinishOnce(grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the request"));
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void FinishOnce(grpc::Status s) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (finished_) return;
+      finished_ = true;
+    }
+    Finish(std::move(s));  // the last use of this (OnDone may follow at once)
+  }
+
+  inference::ModelInferResponse* resp_;
+  std::mutex mu_;
+  std::shared_ptr<InferCall> call_;
+  bool cancelled_ = false;
+  bool finished_ = false;
+};
+
 // ---- The service ----------------------------------------------------------------------------
 
 class GrpcServer::Service : public inference::GRPCInferenceService::CallbackService {
@@ -329,34 +407,7 @@ class GrpcServer::Service : public inference::GRPCInferenceService::CallbackServ
   grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx,
                                        const inference::ModelInferRequest* req,
                                        inference::ModelInferResponse* resp) override {
-    auto* reactor = ctx->DefaultReactor();
-    auto parsed = FromProto(*req);
-    if (!parsed.ok()) {
-      reactor->Finish(ToGrpc(parsed.status()));
-      return reactor;
-    }
-    for (const auto& t : parsed->inputs) {
-      if ((t.name == "stream" || t.name == "streaming") && t.size() == 1 &&
-          (t.is_float() ? t.floats[0] != 0 : t.ints[0] != 0)) {
-        reactor->Finish(grpc::Status(
-            grpc::StatusCode::INVALID_ARGUMENT,
-            "input '" + t.name + "' is true: streaming needs the ModelStreamInfer RPC"));
-        return reactor;
-      }
-    }
-    auto call = models_->Infer(std::move(parsed).value(), [reactor, resp](InferResponse r) {
-      if (!r.final) return;  // not streamed: only the final response carries data
-      if (!r.error.ok()) {
-        reactor->Finish(ToGrpc(r.error));
-        return;
-      }
-      ToProto(r, resp);
-      reactor->Finish(grpc::Status::OK);
-    });
-    if (!call.ok()) reactor->Finish(ToGrpc(call.status()));
-    // The call runs to its end; a client that goes away before gets nothing (the response is
-    // small) and the engine finishes its max_tokens.
-    return reactor;
+    return new UnaryInferReactor(models_, *req, resp);
   }
 
   grpc::ServerBidiReactor<inference::ModelInferRequest, inference::ModelStreamInferResponse>*
