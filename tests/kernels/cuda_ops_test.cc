@@ -154,6 +154,7 @@ TEST(CudaOps, LinearThroughCublasLt) {
   SKIP_WITHOUT_GPU();
   cuda::Gemm gemm;
   ASSERT_TRUE(gemm.Init().ok());
+  gemm.set_gemv_max_rows(0);  // every n through cuBLASLt
   for (int64_t n : {1, 3, 37, 300}) {
     for (bool with_bias : {false, true}) {
       for (bool f32 : {false, true}) {
@@ -177,6 +178,82 @@ TEST(CudaOps, LinearThroughCublasLt) {
       }
     }
   }
+}
+
+// The skinny decode GEMM against cpu::Linear for every token count it takes, odd row counts, a
+// long reduction (the unrolled loop and its remainder), bias and both output types.
+TEST(CudaOps, GemvEveryTokenCount) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t n = 1; n <= cuda::kGemvMaxRows; ++n) {
+    for (int64_t in : {8, 296, 2056}) {
+      for (bool with_bias : {false, true}) {
+        for (bool f32 : {false, true}) {
+          const int64_t out = 203;
+          auto x = RandBf16(n * in), w = RandBf16(out * in, 0.1f), b = RandBf16(out);
+          std::vector<float> bf = ToF32(b);
+          Dev<uint16_t> dx(x), dw(w), db(b);
+          Dev<float> dbf(bf);
+          Dev<uint16_t> dy16(n * out);
+          Dev<float> dy32(n * out);
+          const void* bias = !with_bias ? nullptr : f32 ? static_cast<const void*>(dbf.p) : db.p;
+          CUDA_OK(cuda::Gemv(dx.p, n, in, dw.p, out, bias,
+                             f32 ? static_cast<void*>(dy32.p) : dy16.p, f32, nullptr));
+          CUDA_OK(cudaDeviceSynchronize());
+          std::vector<float> xf = ToF32(x), ref(n * out);
+          cpu::Linear(xf.data(), n, in, {DType::kBF16, w.data()}, out,
+                      {DType::kBF16, with_bias ? b.data() : nullptr}, ref.data());
+          const double err = RelErr(f32 ? dy32.Get() : ToF32(dy16.Get()), ref);
+          EXPECT_LT(err, f32 ? 1e-5 : kBf16Tol) << n << " " << in << " " << with_bias << " " << f32;
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaOps, GemvSwiGluAgainstLinearAndSiluMul) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t n : {1, 2, 5, 8}) {
+    const int64_t in = 1032, inter = 77;
+    auto x = RandBf16(n * in), w = RandBf16(2 * inter * in, 0.05f);
+    Dev<uint16_t> dx(x), dw(w), dout(n * inter);
+    CUDA_OK(cuda::GemvSwiGlu(dx.p, n, in, dw.p, inter, dout.p, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<float> xf = ToF32(x), gu(n * 2 * inter), g(n * inter), u(n * inter), ref(n * inter);
+    cpu::Linear(xf.data(), n, in, {DType::kBF16, w.data()}, 2 * inter, {DType::kBF16, nullptr},
+                gu.data());
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t j = 0; j < inter; ++j) {
+        g[r * inter + j] = gu[r * 2 * inter + j];
+        u[r * inter + j] = gu[r * 2 * inter + inter + j];
+      }
+    }
+    cpu::SiluMul(g.data(), u.data(), n, inter, ref.data());
+    EXPECT_LT(RelErr(ToF32(dout.Get()), ref), kBf16Tol) << n;
+  }
+}
+
+// Shapes the skinny kernel cannot take are refused, and Gemm sends them to cuBLASLt instead.
+TEST(CudaOps, GemvRefusesUnsupportedShapes) {
+  SKIP_WITHOUT_GPU();
+  Dev<uint16_t> dx(9 * 20), dw(20 * 20), dy(9 * 20);
+  EXPECT_EQ(cuda::Gemv(dx.p, 1, 20 - 3, dw.p, 20, nullptr, dy.p, false, nullptr),
+            cudaErrorInvalidValue);  // in not a multiple of 8
+  EXPECT_EQ(cuda::Gemv(dx.p, cuda::kGemvMaxRows + 1, 16, dw.p, 20, nullptr, dy.p, false, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(cuda::Gemv(dx.p + 1, 1, 16, dw.p, 20, nullptr, dy.p, false, nullptr),
+            cudaErrorInvalidValue);  // x not 16-byte aligned
+  cudaGetLastError();
+  cuda::Gemm gemm;
+  ASSERT_TRUE(gemm.Init().ok());
+  gemm.set_gemv_max_rows(cuda::kGemvMaxRows);
+  const int64_t n = 3, in = 21, out = 19;  // odd in: cuBLASLt path
+  auto x = RandBf16(n * in), w = RandBf16(out * in, 0.1f);
+  Dev<uint16_t> ex(x), ew(w);
+  Dev<float> ey(n * out);
+  ASSERT_TRUE(gemm.Linear(ex.p, n, in, ew.p, out, nullptr, ey.p, true, nullptr).ok());
+  std::vector<float> xf = ToF32(x), ref(n * out);
+  cpu::Linear(xf.data(), n, in, {DType::kBF16, w.data()}, out, {DType::kBF16, nullptr}, ref.data());
+  EXPECT_LT(RelErr(ey.Get(), ref), 1e-4);
 }
 
 // Rope + qk-norm + logn + KV write for every scaling type, with two rope tables in one batch.

@@ -81,6 +81,11 @@ Result<Gemm::Plan*> Gemm::GetPlan(int64_t n, int64_t in, int64_t out, bool bias,
 Status Gemm::Linear(const void* x, int64_t n, int64_t in, const void* w, int64_t out,
                     const void* bias, void* y, bool y_f32, cudaStream_t stream) {
   if (n == 0) return Status::Ok();
+  if (n <= gemv_max_rows_ && GemvSupported(n, in, x, w)) {
+    return CudaStatus(Gemv(static_cast<const bf16_t*>(x), n, in, static_cast<const bf16_t*>(w), out,
+                           bias, y, y_f32, stream),
+                      "skinny GEMM");
+  }
   QILIN_ASSIGN_OR_RETURN(Plan * p, GetPlan(n, in, out, bias != nullptr, y_f32));
   if (bias) {
     cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias));
@@ -89,6 +94,19 @@ Status Gemm::Linear(const void* x, int64_t n, int64_t in, const void* w, int64_t
   return LtStatus(cublasLtMatmul(handle_, p->desc, &alpha, w, p->a, x, p->b, &beta, y, p->c, y,
                                  p->c, &p->algo, workspace_, workspace_bytes_, stream),
                   "cublasLtMatmul");
+}
+
+Status Gemm::LinearSwiGlu(const void* x, int64_t n, int64_t in, const void* w_gate_up,
+                          int64_t inter, float* gu, void* out, cudaStream_t stream) {
+  if (n == 0) return Status::Ok();
+  if (n <= gemv_max_rows_ && GemvSupported(n, in, x, w_gate_up)) {
+    return CudaStatus(
+        GemvSwiGlu(static_cast<const bf16_t*>(x), n, in, static_cast<const bf16_t*>(w_gate_up),
+                   inter, static_cast<bf16_t*>(out), stream),
+        "skinny gate|up GEMM + SwiGLU");
+  }
+  QILIN_RETURN_IF_ERROR(Linear(x, n, in, w_gate_up, 2 * inter, nullptr, gu, true, stream));
+  return CudaStatus(SiluMul(gu, n, inter, static_cast<bf16_t*>(out), stream), "SiluMul");
 }
 
 }  // namespace qilin::cuda

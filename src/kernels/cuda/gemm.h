@@ -1,6 +1,7 @@
 // bf16 GEMMs through cuBLASLt: y[n, out] = x[n, in] * W[out, in]^T (+ bias[out]), f32
 // accumulation, y in bf16 or f32. Algorithms are chosen once per shape by the cuBLASLt heuristic
-// and cached; a fixed workspace keeps the calls capturable in CUDA graphs.
+// and cached; a fixed workspace keeps the calls capturable in CUDA graphs. Steps of at most
+// gemv_max_rows() tokens go to the bandwidth-bound skinny kernel of gemv.cu instead.
 #pragma once
 
 #include <cublasLt.h>
@@ -26,6 +27,16 @@ class Gemm {
   Status Linear(const void* x, int64_t n, int64_t in, const void* w, int64_t out, const void* bias,
                 void* y, bool y_f32, cudaStream_t stream);
 
+  // SwiGLU's fused gate|up projection: out[n, inter] = bf16(silu(x gate^T) * (x up^T)), with
+  // w_gate_up [2 * inter, in]. Small n: one skinny kernel; else a GEMM into `gu` (f32
+  // [n, 2 * inter]) and SiluMul.
+  Status LinearSwiGlu(const void* x, int64_t n, int64_t in, const void* w_gate_up, int64_t inter,
+                      float* gu, void* out, cudaStream_t stream);
+
+  // Largest n sent to the skinny kernel (0: cuBLASLt always; at most kGemvMaxRows).
+  int gemv_max_rows() const { return gemv_max_rows_; }
+  void set_gemv_max_rows(int rows) { gemv_max_rows_ = rows; }
+
  private:
   struct Plan {
     cublasLtMatmulDesc_t desc = nullptr;
@@ -37,6 +48,7 @@ class Gemm {
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
+  int gemv_max_rows_ = 4;
   std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool>, Plan> plans_;
 };
 
