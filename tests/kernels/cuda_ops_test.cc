@@ -134,20 +134,22 @@ TEST(CudaOps, AddRmsNormAndRows) {
 
 TEST(CudaOps, SiluMul) {
   SKIP_WITHOUT_GPU();
-  const int64_t n = 5, inter = 333;
-  auto gu = RandF32(n * 2 * inter, 2.0f);
-  Dev<float> dgu(gu);
-  Dev<uint16_t> dout(n * inter);
-  CUDA_OK(cuda::SiluMul(dgu.p, n, inter, dout.p, nullptr));
-  std::vector<float> g(n * inter), u(n * inter), ref(n * inter);
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t j = 0; j < inter; ++j) {
-      g[r * inter + j] = gu[r * 2 * inter + j];
-      u[r * inter + j] = gu[r * 2 * inter + inter + j];
+  for (int64_t inter : {333, 332}) {  // scalar kernel; 4-wide kernel
+    const int64_t n = 5;
+    auto gu = RandF32(n * 2 * inter, 2.0f);
+    Dev<float> dgu(gu);
+    Dev<uint16_t> dout(n * inter);
+    CUDA_OK(cuda::SiluMul(dgu.p, n, inter, dout.p, nullptr));
+    std::vector<float> g(n * inter), u(n * inter), ref(n * inter);
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t j = 0; j < inter; ++j) {
+        g[r * inter + j] = gu[r * 2 * inter + j];
+        u[r * inter + j] = gu[r * 2 * inter + inter + j];
+      }
     }
+    cpu::SiluMul(g.data(), u.data(), n, inter, ref.data());
+    EXPECT_LT(RelErr(ToF32(dout.Get()), ref), kBf16Tol) << inter;
   }
-  cpu::SiluMul(g.data(), u.data(), n, inter, ref.data());
-  EXPECT_LT(RelErr(ToF32(dout.Get()), ref), kBf16Tol);
 }
 
 TEST(CudaOps, LinearThroughCublasLt) {
@@ -394,6 +396,8 @@ TEST(CudaOps, PagedAttentionDecodeAnyHeadDim) {
   CheckAttention(12, 6, 2, false);
   CheckAttention(10, 4, 4, false);
   CheckAttention(128, 28, 4, false);
+  CheckAttention(64, 8, 1, false);  // 16-byte staging path, group of 8
+  CheckAttention(24, 6, 3, false);
 }
 
 TEST(CudaOps, PagedAttentionPrefillTensorCores) {

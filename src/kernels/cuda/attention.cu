@@ -13,6 +13,7 @@ constexpr int kDecodeTile = 32;  // keys per shared-memory tile (one per lane)
 constexpr int kDecodeWarps = 4;
 constexpr int kMaxHeadsPerWarp = 4;  // group size up to 16
 constexpr int kMaxDPerLane = 8;      // head_dim up to 256
+constexpr int kStageLoads = 4;       // 16-byte K and V loads in flight per thread (decode)
 
 __host__ __device__ inline int32_t Partition(int32_t ctx) {
   const int32_t per = (ctx + kMaxSplits - 1) / kMaxSplits;
@@ -69,13 +70,46 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
   for (int32_t k0 = start; k0 < end; k0 += kDecodeTile) {
     const int nk = min(kDecodeTile, end - k0);
     __syncthreads();
-    for (int i = threadIdx.x; i < nk * half_d; i += blockDim.x) {
-      const int j = i / half_d, d2 = i - j * half_d;
-      const int64_t base = SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D;
-      reinterpret_cast<uint32_t*>(k_s + j * Dp)[d2] =
-          reinterpret_cast<const uint32_t*>(k_cache + base)[d2];
-      reinterpret_cast<uint32_t*>(v_s + j * D)[d2] =
-          reinterpret_cast<const uint32_t*>(v_cache + base)[d2];
+    if (D % 8 == 0) {
+      // 16-byte loads, kStageLoads of K and of V in flight per thread before any store (a
+      // dependent table-then-cache chain per chunk otherwise serialises the tile's load).
+      const int cpr = D / 8, total = nk * cpr;
+      for (int i0 = threadIdx.x; i0 < total; i0 += kStageLoads * blockDim.x) {
+        uint4 kv[kStageLoads], vv[kStageLoads];
+#pragma unroll
+        for (int u = 0; u < kStageLoads; ++u) {
+          const int i = i0 + u * blockDim.x;
+          if (i < total) {
+            const int j = i / cpr, d8 = (i - j * cpr) * 8;
+            const int64_t base =
+                SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D + d8;
+            kv[u] = *reinterpret_cast<const uint4*>(k_cache + base);
+            vv[u] = *reinterpret_cast<const uint4*>(v_cache + base);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kStageLoads; ++u) {
+          const int i = i0 + u * blockDim.x;
+          if (i < total) {
+            const int j = i / cpr, d8 = (i - j * cpr) * 8;
+            uint32_t* kd = reinterpret_cast<uint32_t*>(k_s + j * Dp + d8);  // 4-byte aligned rows
+            kd[0] = kv[u].x;
+            kd[1] = kv[u].y;
+            kd[2] = kv[u].z;
+            kd[3] = kv[u].w;
+            *reinterpret_cast<uint4*>(v_s + j * D + d8) = vv[u];
+          }
+        }
+      }
+    } else {
+      for (int i = threadIdx.x; i < nk * half_d; i += blockDim.x) {
+        const int j = i / half_d, d2 = i - j * half_d;
+        const int64_t base = SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D;
+        reinterpret_cast<uint32_t*>(k_s + j * Dp)[d2] =
+            reinterpret_cast<const uint32_t*>(k_cache + base)[d2];
+        reinterpret_cast<uint32_t*>(v_s + j * D)[d2] =
+            reinterpret_cast<const uint32_t*>(v_cache + base)[d2];
+      }
     }
     __syncthreads();
 #pragma unroll
@@ -193,15 +227,47 @@ __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared without a register round trip; zero-filled when !valid.
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Four 8x8 b16 matrices, transposed: lane l gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t r[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(smem)));
+}
+
+template <int D>
+constexpr size_t PrefillSmemBytes() {
+  return size_t{2} * 2 * kKeyTile * (D + kPad) * sizeof(bf16_t);  // 2 stages of K and V
+}
+
 // Block (tile of up to 64 query tokens of one sequence, head): 16 query rows per warp. Per key
 // tile: S = Q K^T (64 x 64), online softmax in registers, O += P V. Flops 4 * 64 * keys * D.
+// K and V tiles stream through two shared-memory stages by cp.async (the next tile loads while
+// this one is multiplied); V's B fragments come transposed by ldmatrix.trans from row-major
+// rows, so no thread transposes through shared memory.
 template <int D>
 __global__ void __launch_bounds__(kPrefillWarps * 32)
     PrefillKernel(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, AttnBatch b,
                   const int2* tiles, int num_heads, int num_kv_heads, float scale_log2,
                   bf16_t* out) {
-  __shared__ __align__(16) bf16_t k_s[kKeyTile][D + kPad];
-  __shared__ __align__(16) bf16_t vt_s[D][kKeyTile + kPad];
+  extern __shared__ __align__(16) unsigned char prefill_smem[];
+  using Row = bf16_t[D + kPad];
+  Row* k_s = reinterpret_cast<Row*>(prefill_smem);  // [2][kKeyTile]
+  Row* v_s = k_s + 2 * kKeyTile;                    // [2][kKeyTile]
   const int2 tile = tiles[blockIdx.x];
   const int h = blockIdx.y;
   const int seq = tile.x, q0 = tile.y;
@@ -213,6 +279,20 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
   const int g = lane >> 2, c = lane & 3;
   const int64_t q_stride = static_cast<int64_t>(num_heads) * D;
   const int64_t kv_size = static_cast<int64_t>(num_kv_heads) * D;
+
+  auto load_tile = [&](int stage, int32_t k0) {
+    for (int i = threadIdx.x; i < kKeyTile * (D / 8); i += blockDim.x) {
+      const int j = i / (D / 8), d8 = (i % (D / 8)) * 8;
+      const bool valid = k0 + j < kv_len;
+      const int64_t base =
+          valid ? SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D + d8 : 0;
+      CpAsync16(&k_s[stage * kKeyTile + j][d8], k_cache + base, valid);
+      CpAsync16(&v_s[stage * kKeyTile + j][d8], v_cache + base, valid);
+    }
+    CpAsyncCommit();
+  };
+  const int ntiles = (kv_len + kKeyTile - 1) / kKeyTile;
+  load_tile(0, 0);
 
   // Q fragments (A operand) straight from global memory; rows past the tile are zero.
   const int r0 = warp * 16 + g, r1 = r0 + 8;
@@ -234,90 +314,90 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
 
-  for (int32_t k0 = 0; k0 < kv_len; k0 += kKeyTile) {
-    __syncthreads();
-    // K rows as 16-byte vectors; V transposed into vt_s[d][key].
-    for (int i = threadIdx.x; i < kKeyTile * (D / 8); i += blockDim.x) {
-      const int j = i / (D / 8), d8 = (i % (D / 8)) * 8;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (k0 + j < kv_len) {
-        const int64_t base = SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D + d8;
-        kv = *reinterpret_cast<const uint4*>(k_cache + base);
-        vv = *reinterpret_cast<const uint4*>(v_cache + base);
-      }
-      *reinterpret_cast<uint4*>(&k_s[j][d8]) = kv;
-      const bf16_t* ve = reinterpret_cast<const bf16_t*>(&vv);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) vt_s[d8 + e][j] = ve[e];
+  for (int it = 0; it < ntiles; ++it) {
+    const int32_t k0 = it * kKeyTile;
+    const int stage = it & 1;
+    if (it + 1 < ntiles) {
+      load_tile(stage ^ 1, k0 + kKeyTile);  // its stage was freed by the barrier ending it - 1
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
     }
     __syncthreads();
-    if (k0 > pos0 + warp * 16 + 15) continue;  // this warp's rows see none of these keys
-    float s[kKeyTile / 8][4];
+    const Row* ks = k_s + stage * kKeyTile;
+    const Row* vs = v_s + stage * kKeyTile;
+    if (k0 <= pos0 + warp * 16 + 15) {  // else this warp's rows see none of these keys
+      float s[kKeyTile / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+      for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&k_s[nt * 8 + g][kk * 16 + 2 * c]);
-        const uint32_t b1 =
-            *reinterpret_cast<const uint32_t*>(&k_s[nt * 8 + g][kk * 16 + 2 * c + 8]);
-        Mma(s[nt], qf[kk], b0, b1);
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&ks[nt * 8 + g][kk * 16 + 2 * c]);
+          const uint32_t b1 =
+              *reinterpret_cast<const uint32_t*>(&ks[nt * 8 + g][kk * 16 + 2 * c + 8]);
+          Mma(s[nt], qf[kk], b0, b1);
+        }
       }
-    }
-    float mx0 = -INFINITY, mx1 = -INFINITY;
+      float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-    for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-      const int32_t kp = k0 + nt * 8 + 2 * c;
-      s[nt][0] = kp <= qp0 ? s[nt][0] * scale_log2 : -INFINITY;
-      s[nt][1] = kp + 1 <= qp0 ? s[nt][1] * scale_log2 : -INFINITY;
-      s[nt][2] = kp <= qp1 ? s[nt][2] * scale_log2 : -INFINITY;
-      s[nt][3] = kp + 1 <= qp1 ? s[nt][3] * scale_log2 : -INFINITY;
-      mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-      mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-    }
-    for (int off = 1; off < 4; off <<= 1) {
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-    }
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-    const float corr0 = exp2f(m0 - mu0), corr1 = exp2f(m1 - mu1);
-    m0 = mn0;
-    m1 = mn1;
-    float sum0 = 0.0f, sum1 = 0.0f;
+      for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+        const int32_t kp = k0 + nt * 8 + 2 * c;
+        s[nt][0] = kp <= qp0 ? s[nt][0] * scale_log2 : -INFINITY;
+        s[nt][1] = kp + 1 <= qp0 ? s[nt][1] * scale_log2 : -INFINITY;
+        s[nt][2] = kp <= qp1 ? s[nt][2] * scale_log2 : -INFINITY;
+        s[nt][3] = kp + 1 <= qp1 ? s[nt][3] * scale_log2 : -INFINITY;
+        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+      }
+      for (int off = 1; off < 4; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+      }
+      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+      const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+      const float corr0 = exp2f(m0 - mu0), corr1 = exp2f(m1 - mu1);
+      m0 = mn0;
+      m1 = mn1;
+      float sum0 = 0.0f, sum1 = 0.0f;
 #pragma unroll
-    for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-      s[nt][0] = exp2f(s[nt][0] - mu0);
-      s[nt][1] = exp2f(s[nt][1] - mu0);
-      s[nt][2] = exp2f(s[nt][2] - mu1);
-      s[nt][3] = exp2f(s[nt][3] - mu1);
-      sum0 += s[nt][0] + s[nt][1];
-      sum1 += s[nt][2] + s[nt][3];
-    }
-    l0 = l0 * corr0 + sum0;
-    l1 = l1 * corr1 + sum1;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      o[dt][0] *= corr0;
-      o[dt][1] *= corr0;
-      o[dt][2] *= corr1;
-      o[dt][3] *= corr1;
-    }
-#pragma unroll
-    for (int kv = 0; kv < kKeyTile / 16; ++kv) {
-      uint32_t a[4];
-      a[0] = Pack(s[2 * kv][0], s[2 * kv][1]);
-      a[1] = Pack(s[2 * kv][2], s[2 * kv][3]);
-      a[2] = Pack(s[2 * kv + 1][0], s[2 * kv + 1][1]);
-      a[3] = Pack(s[2 * kv + 1][2], s[2 * kv + 1][3]);
+      for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+        s[nt][0] = exp2f(s[nt][0] - mu0);
+        s[nt][1] = exp2f(s[nt][1] - mu0);
+        s[nt][2] = exp2f(s[nt][2] - mu1);
+        s[nt][3] = exp2f(s[nt][3] - mu1);
+        sum0 += s[nt][0] + s[nt][1];
+        sum1 += s[nt][2] + s[nt][3];
+      }
+      l0 = l0 * corr0 + sum0;
+      l1 = l1 * corr1 + sum1;
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) {
-        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&vt_s[dt * 8 + g][kv * 16 + 2 * c]);
-        const uint32_t b1 =
-            *reinterpret_cast<const uint32_t*>(&vt_s[dt * 8 + g][kv * 16 + 2 * c + 8]);
-        Mma(o[dt], a, b0, b1);
+        o[dt][0] *= corr0;
+        o[dt][1] *= corr0;
+        o[dt][2] *= corr1;
+        o[dt][3] *= corr1;
+      }
+      const int mi = lane >> 3, mr = lane & 7;
+#pragma unroll
+      for (int kv = 0; kv < kKeyTile / 16; ++kv) {
+        uint32_t a[4];
+        a[0] = Pack(s[2 * kv][0], s[2 * kv][1]);
+        a[1] = Pack(s[2 * kv][2], s[2 * kv][3]);
+        a[2] = Pack(s[2 * kv + 1][0], s[2 * kv + 1][1]);
+        a[3] = Pack(s[2 * kv + 1][2], s[2 * kv + 1][3]);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          // Matrices: (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (8-15, 8-15)
+          // of this 16 x 16 block: b0, b1 of d tile 2 dp, then of d tile 2 dp + 1.
+          uint32_t r[4];
+          LdMatrixX4Trans(r, &vs[kv * 16 + (mi & 1) * 8 + mr][dp * 16 + (mi >> 1) * 8]);
+          Mma(o[2 * dp], a, r[0], r[1]);
+          Mma(o[2 * dp + 1], a, r[2], r[3]);
+        }
       }
     }
+    __syncthreads();  // every warp is done with `stage` before it is loaded again
   }
   for (int off = 1; off < 4; off <<= 1) {
     l0 += __shfl_xor_sync(0xffffffffu, l0, off);
@@ -382,11 +462,19 @@ cudaError_t PagedAttentionPrefill(const bf16_t* q, const bf16_t* k_cache, const 
   const float scale_log2 = scale * 1.4426950408889634f;
   dim3 grid(count, static_cast<unsigned>(num_heads));
   if (head_dim == 64) {
-    PrefillKernel<64><<<grid, kPrefillWarps * 32, 0, stream>>>(
+    static const cudaError_t attr =
+        cudaFuncSetAttribute(PrefillKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(PrefillSmemBytes<64>()));
+    if (attr != cudaSuccess) return attr;
+    PrefillKernel<64><<<grid, kPrefillWarps * 32, PrefillSmemBytes<64>(), stream>>>(
         q, k_cache, v_cache, batch, tiles, static_cast<int>(num_heads),
         static_cast<int>(num_kv_heads), scale_log2, out);
   } else if (head_dim == 128) {
-    PrefillKernel<128><<<grid, kPrefillWarps * 32, 0, stream>>>(
+    static const cudaError_t attr =
+        cudaFuncSetAttribute(PrefillKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(PrefillSmemBytes<128>()));
+    if (attr != cudaSuccess) return attr;
+    PrefillKernel<128><<<grid, kPrefillWarps * 32, PrefillSmemBytes<128>(), stream>>>(
         q, k_cache, v_cache, batch, tiles, static_cast<int>(num_heads),
         static_cast<int>(num_kv_heads), scale_log2, out);
   } else {
