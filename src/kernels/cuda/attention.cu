@@ -18,7 +18,7 @@ constexpr int kStageLoads = 4;       // 16-byte K and V loads in flight per thre
 __host__ __device__ inline int32_t Partition(int32_t ctx) {
   const int32_t per = (ctx + kMaxSplits - 1) / kMaxSplits;
   const int32_t rounded = (per + 31) / 32 * 32;
-  return rounded > 64 ? rounded : 64;
+  return rounded > 32 ? rounded : 32;  // one tile per split up to 512 keys
 }
 
 __device__ __forceinline__ float Bf(const bf16_t* p, int64_t i) {
@@ -118,14 +118,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
       if (hl >= group) break;
       float s = -INFINITY;
       if (lane < nk) {
-        const float* qh = q_s + hl * D;
+        const float2* qh = reinterpret_cast<const float2*>(q_s + hl * D);
         const __nv_bfloat162* kr = reinterpret_cast<const __nv_bfloat162*>(k_s + lane * Dp);
-        float acc = 0.0f;
+        float acc0 = 0.0f, acc1 = 0.0f;  // two chains; unrolled so the loads run ahead
+#pragma unroll 8
         for (int d2 = 0; d2 < half_d; ++d2) {
           const float2 kv = __bfloat1622float2(kr[d2]);
-          acc += qh[2 * d2] * kv.x + qh[2 * d2 + 1] * kv.y;
+          const float2 qv = qh[d2];
+          acc0 = fmaf(qv.x, kv.x, acc0);
+          acc1 = fmaf(qv.y, kv.y, acc1);
         }
-        s = acc;
+        s = acc0 + acc1;
       }
       float mx = s;
       for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
@@ -138,6 +141,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
       m[hi] = m_new;
 #pragma unroll
       for (int i = 0; i < kMaxDPerLane; ++i) o[hi][i] *= corr;
+#pragma unroll 4
       for (int j = 0; j < nk; ++j) {
         const float pj = __shfl_sync(0xffffffffu, p, j);
         const bf16_t* vr = v_s + j * D;
@@ -242,6 +246,13 @@ __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Four 8x8 b16 matrices: lane l gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void LdMatrixX4(uint32_t r[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(smem)));
+}
+
 // Four 8x8 b16 matrices, transposed: lane l gives the address of row l % 8 of matrix l / 8.
 __device__ __forceinline__ void LdMatrixX4Trans(uint32_t r[4], const void* smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -328,15 +339,17 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
     const Row* vs = v_s + stage * kKeyTile;
     if (k0 <= pos0 + warp * 16 + 15) {  // else this warp's rows see none of these keys
       float s[kKeyTile / 8][4];
+      const int mi = lane >> 3, mr = lane & 7;
 #pragma unroll
       for (int nt = 0; nt < kKeyTile / 8; ++nt) {
         s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&ks[nt * 8 + g][kk * 16 + 2 * c]);
-          const uint32_t b1 =
-              *reinterpret_cast<const uint32_t*>(&ks[nt * 8 + g][kk * 16 + 2 * c + 8]);
-          Mma(s[nt], qf[kk], b0, b1);
+        for (int kk = 0; kk < D / 16; kk += 2) {
+          // Matrices: keys nt * 8 .. + 7 by d (kk * 16 + 8 mi) .. + 7: b0, b1 of kk, of kk + 1.
+          uint32_t r[4];
+          LdMatrixX4(r, &ks[nt * 8 + mr][kk * 16 + mi * 8]);
+          Mma(s[nt], qf[kk], r[0], r[1]);
+          Mma(s[nt], qf[kk + 1], r[2], r[3]);
         }
       }
       float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -378,7 +391,6 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
         o[dt][2] *= corr1;
         o[dt][3] *= corr1;
       }
-      const int mi = lane >> 3, mr = lane & 7;
 #pragma unroll
       for (int kv = 0; kv < kKeyTile / 16; ++kv) {
         uint32_t a[4];
