@@ -247,15 +247,17 @@ void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double 
       int32_t* d_tok;
       Check(cudaMalloc(&d_tok, 4), "malloc");
       cudaMemcpy(d_tok, &tok, 4, cudaMemcpyHostToDevice);
-      const double td = time([&](int) {
-        Check(cuda::PagedAttentionDecode(xa, kv, kv + N * kvs, ab, d_tok, 1, cuda::kMaxSplits,
-                                         c.num_heads, c.num_kv_heads, c.head_dim, scale, partial,
-                                         xb, st),
-              "decode attention");
-      });
-      char name[64];
-      std::snprintf(name, sizeof name, "decode attention ctx %d", ctx);
-      row(name, 1, td, 2.0 * ctx * kvs * 2, 0, ctx == 128 ? double(L) : 0);
+      for (bool mma : {false, true}) {
+        auto* attend = mma ? cuda::PagedAttentionDecodeMma : cuda::PagedAttentionDecode;
+        const double td = time([&](int) {
+          Check(attend(xa, kv, kv + N * kvs, ab, d_tok, 1, cuda::kMaxSplits, c.num_heads,
+                       c.num_kv_heads, c.head_dim, scale, partial, xb, st),
+                "decode attention");
+        });
+        char name[64];
+        std::snprintf(name, sizeof name, "decode attn ctx %d %s", ctx, mma ? "mma" : "cuda-core");
+        row(name, 1, td, 2.0 * ctx * kvs * 2, 0, ctx == 128 && mma ? double(L) : 0);
+      }
       cudaFree(d_tok);
     }
     cudaFree(partial);
@@ -354,10 +356,16 @@ int main(int argc, char** argv) {
   std::vector<float> logits;
 
   // 3. Batch-1 decode after a 128-token prompt: cuBLASLt GEMMs (gemv 0), then the default path.
-  double decode_tps[2] = {0, 0}, decode_ms[2] = {0, 0};
+  // Modes: 0 cuBLASLt GEMMs + CUDA-core attention, 1 skinny GEMMs + CUDA-core attention,
+  // 2 skinny GEMMs + tensor-core decode attention (the default).
+  constexpr int kModes = 3;
+  const char* mode_names[kModes] = {"cuBLASLt, CUDA-core attn", "gemv, CUDA-core attn",
+                                    "gemv, tensor-core attn"};
+  double decode_tps[kModes] = {}, decode_ms[kModes] = {};
   const int default_gemv = cuda::Gemm().gemv_max_rows();
-  for (int mode = 0; mode < 2; ++mode) {
+  for (int mode = 0; mode < kModes; ++mode) {
     Check(backend.SetGemvMaxRows(mode == 0 ? 0 : default_gemv));
+    Check(backend.SetDecodeAttentionMma(mode == 2));
     int32_t next = 0;
     std::vector<SeqState> seqs(1);
     ForwardBatch p = MakeBatch(seqs, 128, bs, &next, vocab);
@@ -460,10 +468,9 @@ int main(int argc, char** argv) {
               "", "");
   std::printf("%-44s %9.0f TFLOP/s %14s %8s\n", "bf16 matmul 8192^3 (cuBLASLt)", matmul / 1e12, "",
               "");
-  for (int mode = 0; mode < 2; ++mode) {
+  for (int mode = 0; mode < kModes; ++mode) {
     char name[64];
-    std::snprintf(name, sizeof name, "batch-1 decode, %s",
-                  mode == 0 ? "cuBLASLt GEMMs" : "default");
+    std::snprintf(name, sizeof name, "batch-1 decode, %s", mode_names[mode]);
     std::printf("%-44s %10.1f tok/s %8.1f tok/s %7.1f%%\n", name, decode_tps[mode], decode_limit,
                 100 * decode_tps[mode] / decode_limit);
     std::printf("%-44s %11.2f ms %11.2f ms %7.1f%%\n", "  step", decode_ms[mode],

@@ -442,6 +442,13 @@ Status CudaBackend::SetGemvMaxRows(int rows) {
   return Status::Ok();
 }
 
+Status CudaBackend::SetDecodeAttentionMma(bool on) {
+  QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before switching attention kernels");
+  DropGraphs();
+  options_.decode_attention_mma = on;
+  return Status::Ok();
+}
+
 Status CudaBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
   for (const auto& [src, dst] : src_dst) {
     for (int32_t b : {src, dst}) {
@@ -553,10 +560,12 @@ Status CudaBackend::RunStep(const InputLayout& il, const StepShape& s) {
                                         w.k_norm, eps, rope, slots, q_, k_cache, v_cache, stream_),
                       "rope + KV write");
     for (int32_t d0 = 0; d0 < s.decode; d0 += kDecodeChunk) {
-      QILIN_CUDA_RETURN(cuda::PagedAttentionDecode(q_, k_cache, v_cache, ab, decode_tokens + d0,
-                                                   std::min(kDecodeChunk, s.decode - d0),
-                                                   s.max_splits, c.num_heads, c.num_kv_heads,
-                                                   c.head_dim, scale, partial_, attn_, stream_),
+      const bool mma = options_.decode_attention_mma &&
+                       cuda::DecodeMmaSupported(c.head_dim, c.num_heads, c.num_kv_heads);
+      auto* attend = mma ? cuda::PagedAttentionDecodeMma : cuda::PagedAttentionDecode;
+      QILIN_CUDA_RETURN(attend(q_, k_cache, v_cache, ab, decode_tokens + d0,
+                               std::min(kDecodeChunk, s.decode - d0), s.max_splits, c.num_heads,
+                               c.num_kv_heads, c.head_dim, scale, partial_, attn_, stream_),
                         "decode attention");
     }
     QILIN_CUDA_RETURN(

@@ -27,6 +27,8 @@ struct CudaBackendOptions {
   // Steps of at most this many tokens use the skinny GEMM kernel (gemv.cu) instead of cuBLASLt;
   // 0 turns it off, -1 keeps cuda::Gemm's default.
   int gemv_max_rows = -1;
+  // Decode attention on tensor cores where the shape allows (cuda::DecodeMmaSupported).
+  bool decode_attention_mma = true;
 };
 
 class CudaBackend : public Backend {
@@ -61,6 +63,8 @@ class CudaBackend : public Backend {
   // Switches the skinny GEMM threshold (CudaBackendOptions::gemv_max_rows) and drops the graphs
   // captured with the old one; for benchmarks comparing the two paths.
   Status SetGemvMaxRows(int rows);
+  // Switches CudaBackendOptions::decode_attention_mma (drops the captured graphs).
+  Status SetDecodeAttentionMma(bool on);
 
  private:
   struct DevLayer {

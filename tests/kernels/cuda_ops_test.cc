@@ -334,7 +334,7 @@ TEST(CudaOps, RopeWriteKvAllScalingTypes) {
 
 // Paged attention (decode split-KV and tensor-core prefill) vs cpu::PagedAttention on a batch of
 // a fresh prefill, a chunked prefill over a cached prefix, and long and short decodes.
-void CheckAttention(int64_t hd, int64_t H, int64_t KV, bool use_prefill) {
+void CheckAttention(int64_t hd, int64_t H, int64_t KV, bool use_prefill, bool decode_mma = false) {
   const int32_t bs = 16, num_blocks = 200;
   const int64_t kv_size = KV * hd, q_size = H * hd;
   // (new tokens, context) per sequence.
@@ -378,8 +378,15 @@ void CheckAttention(int64_t hd, int64_t H, int64_t KV, bool use_prefill) {
   Dev<int2> dtiles(tiles);
   Dev<float> partial(cuda::DecodePartialFloats(decode.size(), H, hd));
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  CUDA_OK(cuda::PagedAttentionDecode(dq.p, dk.p, dv.p, ab, ddec.p, decode.size(), cuda::kMaxSplits,
-                                     H, KV, hd, scale, partial.p, dout.p, nullptr));
+  if (decode_mma) {
+    CUDA_OK(cuda::PagedAttentionDecodeMma(dq.p, dk.p, dv.p, ab, ddec.p, decode.size(),
+                                          cuda::kMaxSplits, H, KV, hd, scale, partial.p, dout.p,
+                                          nullptr));
+  } else {
+    CUDA_OK(cuda::PagedAttentionDecode(dq.p, dk.p, dv.p, ab, ddec.p, decode.size(),
+                                       cuda::kMaxSplits, H, KV, hd, scale, partial.p, dout.p,
+                                       nullptr));
+  }
   CUDA_OK(cuda::PagedAttentionPrefill(dq.p, dk.p, dv.p, ab, dtiles.p, tiles.size(), H, KV, hd,
                                       scale, dout.p, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
@@ -388,7 +395,8 @@ void CheckAttention(int64_t hd, int64_t H, int64_t KV, bool use_prefill) {
   auto qf = ToF32(q), kf = ToF32(kc), vf = ToF32(vc);
   cpu::PagedAttention(qf.data(), kf.data(), vf.data(), pab, H, KV, hd, scale, ref.data());
   EXPECT_LT(RelErr(ToF32(dout.Get()), ref), kBf16Tol)
-      << "hd " << hd << " H " << H << " KV " << KV << " prefill " << use_prefill;
+      << "hd " << hd << " H " << H << " KV " << KV << " prefill " << use_prefill << " mma "
+      << decode_mma;
 }
 
 TEST(CudaOps, PagedAttentionDecodeAnyHeadDim) {
@@ -398,6 +406,19 @@ TEST(CudaOps, PagedAttentionDecodeAnyHeadDim) {
   CheckAttention(128, 28, 4, false);
   CheckAttention(64, 8, 1, false);  // 16-byte staging path, group of 8
   CheckAttention(24, 6, 3, false);
+}
+
+// Every token through the tensor-core decode kernel (long, short and prefill-sized query runs
+// alike); group sizes 1, 7, 8 and 16.
+TEST(CudaOps, PagedAttentionDecodeTensorCores) {
+  SKIP_WITHOUT_GPU();
+  ASSERT_TRUE(cuda::DecodeMmaSupported(128, 28, 4) && !cuda::DecodeMmaSupported(96, 4, 4) &&
+              !cuda::DecodeMmaSupported(64, 34, 2));
+  CheckAttention(128, 28, 4, false, true);
+  CheckAttention(64, 14, 2, false, true);
+  CheckAttention(128, 8, 8, false, true);
+  CheckAttention(64, 16, 1, false, true);
+  CheckAttention(128, 16, 2, false, true);
 }
 
 TEST(CudaOps, PagedAttentionPrefillTensorCores) {

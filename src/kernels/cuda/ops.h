@@ -71,6 +71,17 @@ cudaError_t PagedAttentionDecode(const bf16_t* q, const bf16_t* k_cache, const b
                                  int64_t head_dim, float scale, float* partial, bf16_t* out,
                                  cudaStream_t stream);
 
+// The same function as PagedAttentionDecode on tensor cores (mma.sync): the query heads of one KV
+// head are the rows of the MMA, K/V tiles of 64 keys stream through cp.async stages. Same
+// `partial` layout and splits; head_dim 64 or 128 and at most 16 heads per KV head
+// (DecodeMmaSupported), else cudaErrorInvalidValue.
+bool DecodeMmaSupported(int64_t head_dim, int64_t num_heads, int64_t num_kv_heads);
+cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache,
+                                    const AttnBatch& batch, const int32_t* tokens, int32_t count,
+                                    int32_t max_splits, int64_t num_heads, int64_t num_kv_heads,
+                                    int64_t head_dim, float scale, float* partial, bf16_t* out,
+                                    cudaStream_t stream);
+
 // Tensor-core (mma.sync bf16) flash attention for prefill and chunked prefill: `tiles` [count]
 // lists (sequence, first query token) pairs as int2, each a tile of up to 64 query tokens of one
 // sequence; keys come from the paged cache (cached prefix and the new tokens, written before).
