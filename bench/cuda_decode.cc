@@ -3,8 +3,12 @@
 //   copy bandwidth (cudaMemcpy D2D, bytes read + written) and bf16 matmul rate (cuBLASLt 8192^3);
 //   batch-1 decode tokens/s (CUDA graphs) vs bandwidth / weight bytes;
 //   one 4096-token prefill vs 2 * params * tokens / matmul rate;
-//   64 concurrent sequences of 128 prompt + 128 generated tokens through the backend.
-// Usage: qilin_bench_cuda_decode [--model configs/qwen2.5-7b] [--decode-steps 256]
+//   64 concurrent sequences of 128/128, 2048/128 and 128/2048 prompt/generated tokens through the
+//   backend, each beside prefill FLOPs / matmul rate + per-step (weights + KV) bytes / bandwidth;
+//   batch-1 decode with cuBLASLt vs the skinny GEMM kernel and both decode attention kernels;
+//   first, a per-op profile (time, GB/s or TFLOP/s, share of a step) at the model's shapes.
+// Usage: qilin_bench_cuda_decode [--model configs/qwen2.5-7b] [--decode-steps 256] [--profile 0|1]
+//                                [--long 0|1]  (--long 0: only the 128/128 workload)
 #include <cuda_runtime.h>
 
 #include <algorithm>
