@@ -3,8 +3,12 @@
 //   copy bandwidth (cudaMemcpy D2D, bytes read + written) and bf16 matmul rate (cuBLASLt 8192^3);
 //   batch-1 decode tokens/s (CUDA graphs) vs bandwidth / weight bytes;
 //   one 4096-token prefill vs 2 * params * tokens / matmul rate;
-//   64 concurrent sequences of 128 prompt + 128 generated tokens through the backend.
-// Usage: qilin_bench_cuda_decode [--model configs/qwen2.5-7b] [--decode-steps 256]
+//   64 concurrent sequences of 128/128, 2048/128 and 128/2048 prompt/generated tokens through the
+//   backend, each beside prefill FLOPs / matmul rate + per-step (weights + KV) bytes / bandwidth;
+//   batch-1 decode with cuBLASLt vs the skinny GEMM kernel and both decode attention kernels;
+//   first, a per-op profile (time, GB/s or TFLOP/s, share of a step) at the model's shapes.
+// Usage: qilin_bench_cuda_decode [--model configs/qwen2.5-7b] [--decode-steps 256] [--profile 0|1]
+//                                [--long 0|1]  (--long 0: only the 128/128 workload)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -97,16 +101,201 @@ ForwardBatch MakeBatch(std::vector<SeqState>& seqs, int32_t take, int32_t bs, in
   return b;
 }
 
+// Per-op profile at the model's shapes, each op launched `kReps` times back to back between two
+// events (as in a graph) over rotating weight slices (no L2 reuse, as across layers). Prints time
+// per launch, achieved GB/s (weights + activations, bytes counted once) or TFLOP/s, and the share
+// of a step (ops x layers). Prefill ops at n = 4096, decode ops at n = 1 (and the skinny GEMM
+// against cuBLASLt at n = 1..8).
+void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double matmul) {
+  const int64_t h = c.hidden_size, qs = c.q_size(), kvs = c.kv_size(), inter = c.intermediate_size;
+  const int64_t qkv = qs + 2 * kvs, L = c.num_layers, V = c.vocab_size;
+  const int64_t big = std::max({V * h, 2 * inter * h});  // elements of the weight pool
+  const int64_t pool = 2 * big;                          // rotating slices
+  const int64_t N = 4096;
+  cuda::bf16_t *w, *xa, *xb;
+  float *yf, *gu;
+  Check(cudaMalloc(&w, pool * 2), "malloc");
+  Check(cudaMalloc(&xa, N * inter * 2), "malloc");
+  Check(cudaMalloc(&xb, N * inter * 2), "malloc");
+  Check(cudaMalloc(&yf, N * 2 * inter * 4), "malloc");
+  Check(cudaMalloc(&gu, N * 2 * inter * 4), "malloc");
+  Check(cuda::FillRandomBf16(w, pool, 7, 0.0f, 0.02f, st), "fill");
+  Check(cuda::FillRandomBf16(xa, N * inter, 8, 0.0f, 1.0f, st), "fill");
+  Check(cuda::FillRandomF32(yf, N * 2 * inter, 9, 0.0f, 1.0f, st), "fill");
+  cuda::Gemm gemm;
+  Check(gemm.Init());
+  constexpr int kReps = 20;
+  auto slice = [&](int64_t elems, int i) {
+    const int64_t k = std::max<int64_t>(1, pool / elems);
+    return w + (i % k) * elems;
+  };
+  // Median over 5 rounds of kReps launches; seconds per launch.
+  auto time = [&](auto&& f) {
+    int i = 0;
+    return TimeEvents(st, 5,
+                      [&] {
+                        for (int r = 0; r < kReps; ++r) f(i++);
+                      }) /
+           kReps;
+  };
+  std::printf("\n== per-op profile (%s shapes), %d launches back to back ==\n", "model", kReps);
+  std::printf("%-34s %6s %10s %12s %7s %9s\n", "op", "n", "us/launch", "rate", "x/step", "ms/step");
+  auto row = [&](const char* op, int64_t n, double t, double bytes, double flops, double per_step) {
+    char rate[32];
+    if (flops > 0)
+      std::snprintf(rate, sizeof rate, "%.0f TF/s", flops / t / 1e12);
+    else
+      std::snprintf(rate, sizeof rate, "%.0f GB/s", bytes / t / 1e9);
+    std::printf("%-34s %6lld %10.1f %12s %7.0f %9.3f\n", op, static_cast<long long>(n), t * 1e6,
+                rate, per_step, t * per_step * 1e3);
+  };
+  struct Shape {
+    const char* name;
+    int64_t in, out;
+    double per_step;
+  };
+  const Shape shapes[] = {{"qkv_proj", h, qkv, double(L)},
+                          {"o_proj", qs, h, double(L)},
+                          {"gate_up_proj", h, 2 * inter, double(L)},
+                          {"down_proj", inter, h, double(L)},
+                          {"lm_head (1 row)", h, V, 1.0}};
+  // Decode: GEMMs at n = 1..8, cuBLASLt vs skinny kernel.
+  for (int64_t n : {1, 2, 4, 8}) {
+    for (const Shape& s : shapes) {
+      const double bytes = 2.0 * s.in * s.out + 2.0 * n * s.in + 4.0 * n * s.out;
+      for (int mode = 0; mode < 2; ++mode) {
+        gemm.set_gemv_max_rows(mode == 0 ? 0 : cuda::kGemvMaxRows);
+        const double t = time([&](int i) {
+          Check(gemm.Linear(xa, n, s.in, slice(s.in * s.out, i), s.out, nullptr, yf, true, st));
+        });
+        char name[64];
+        std::snprintf(name, sizeof name, "%s %s", s.name, mode == 0 ? "cublasLt" : "gemv");
+        row(name, n, t, bytes, 0, n == 1 ? s.per_step : 0);
+      }
+    }
+    // gate|up + SwiGLU fused in the skinny kernel.
+    gemm.set_gemv_max_rows(cuda::kGemvMaxRows);
+    const double t = time([&](int i) {
+      Check(gemm.LinearSwiGlu(xa, n, h, slice(2 * inter * h, i), inter, gu, xb, st));
+    });
+    row("gate_up + SwiGLU gemv", n, t, 4.0 * inter * h, 0, n == 1 ? double(L) : 0);
+  }
+  // Row kernels at n = 1 and n = 4096.
+  for (int64_t n : {int64_t{1}, N}) {
+    const double ps = double(L);
+    float* x = yf;
+    double t =
+        time([&](int) { Check(cuda::AddRmsNorm(x, gu, nullptr, n, h, w, 1e-6f, xb, st), "norm"); });
+    row("add + rmsnorm", n, t, n * h * (4.0 + 4 + 4 + 2), 0, 2 * ps);
+    t = time([&](int) { Check(cuda::SiluMul(gu, n, inter, xb, st), "silu"); });
+    row("silu*mul (f32 in)", n, t, n * inter * 10.0, 0, ps);
+  }
+  // Prefill GEMMs at n = 4096: f32 vs bf16 outputs.
+  gemm.set_gemv_max_rows(0);
+  for (const Shape& s : shapes) {
+    if (s.per_step == 1.0) continue;
+    for (bool f32 : {true, false}) {
+      const double t = time([&](int i) {
+        Check(gemm.Linear(xa, N, s.in, slice(s.in * s.out, i), s.out, nullptr, yf, f32, st));
+      });
+      char name[64];
+      std::snprintf(name, sizeof name, "%s %s out", s.name, f32 ? "f32" : "bf16");
+      row(name, N, t, 0, 2.0 * N * s.in * s.out, f32 ? s.per_step : 0);
+    }
+  }
+  // Prefill attention at 4096 tokens, one sequence, causal.
+  {
+    const int32_t bs = 32, blocks = N / bs;
+    cuda::bf16_t* kv;
+    Check(cudaMalloc(&kv, 2 * N * kvs * 2), "malloc");
+    Check(cuda::FillRandomBf16(kv, 2 * N * kvs, 10, 0.0f, 1.0f, st), "fill");
+    std::vector<int32_t> qstart = {0, static_cast<int32_t>(N)}, seq_of(N, 0), pos(N), table(blocks);
+    for (int64_t i = 0; i < N; ++i) pos[i] = static_cast<int32_t>(i);
+    for (int32_t b = 0; b < blocks; ++b) table[b] = b;
+    std::vector<int2> tiles;
+    for (int64_t t0 = N - cuda::kPrefillTileQ; t0 >= 0; t0 -= cuda::kPrefillTileQ)
+      tiles.push_back(make_int2(0, static_cast<int32_t>(t0)));
+    int32_t *d_qs, *d_seq, *d_pos, *d_tab;
+    int2* d_tiles;
+    Check(cudaMalloc(&d_qs, 8), "malloc");
+    Check(cudaMalloc(&d_seq, N * 4), "malloc");
+    Check(cudaMalloc(&d_pos, N * 4), "malloc");
+    Check(cudaMalloc(&d_tab, blocks * 4), "malloc");
+    Check(cudaMalloc(&d_tiles, tiles.size() * 8), "malloc");
+    cudaMemcpy(d_qs, qstart.data(), 8, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_seq, seq_of.data(), N * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_pos, pos.data(), N * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_tab, table.data(), blocks * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_tiles, tiles.data(), tiles.size() * 8, cudaMemcpyHostToDevice);
+    cuda::AttnBatch ab;
+    ab.query_start = d_qs;
+    ab.seq_of = d_seq;
+    ab.positions = d_pos;
+    ab.block_tables = d_tab;
+    ab.table_stride = blocks;
+    ab.block_size = bs;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    const double t = time([&](int) {
+      Check(cuda::PagedAttentionPrefill(xa, kv, kv + N * kvs, ab, d_tiles,
+                                        static_cast<int32_t>(tiles.size()), c.num_heads,
+                                        c.num_kv_heads, c.head_dim, scale, xb, st),
+            "prefill attention");
+    });
+    const double flops = 4.0 * N * N / 2 * c.head_dim * c.num_heads;  // causal half
+    row("prefill attention (causal)", N, t, 0, flops, double(L));
+    // Decode attention of the last token over 128 and 4096 keys (one launch incl. combine).
+    float* partial;
+    Check(cudaMalloc(&partial, cuda::DecodePartialFloats(1, c.num_heads, c.head_dim) * 4), "m");
+    for (int32_t ctx : {128, 4096}) {
+      const int32_t tok = ctx - 1;
+      int32_t* d_tok;
+      Check(cudaMalloc(&d_tok, 4), "malloc");
+      cudaMemcpy(d_tok, &tok, 4, cudaMemcpyHostToDevice);
+      for (bool mma : {false, true}) {
+        auto* attend = mma ? cuda::PagedAttentionDecodeMma : cuda::PagedAttentionDecode;
+        const double td = time([&](int) {
+          Check(attend(xa, kv, kv + N * kvs, ab, d_tok, 1, cuda::kMaxSplits, c.num_heads,
+                       c.num_kv_heads, c.head_dim, scale, partial, xb, st),
+                "decode attention");
+        });
+        char name[64];
+        std::snprintf(name, sizeof name, "decode attn ctx %d %s", ctx, mma ? "mma" : "cuda-core");
+        row(name, 1, td, 2.0 * ctx * kvs * 2, 0, ctx == 128 && mma ? double(L) : 0);
+      }
+      cudaFree(d_tok);
+    }
+    cudaFree(partial);
+    cudaFree(kv);
+    cudaFree(d_qs);
+    cudaFree(d_seq);
+    cudaFree(d_pos);
+    cudaFree(d_tab);
+    cudaFree(d_tiles);
+  }
+  std::printf("(bandwidth %.0f GB/s, matmul %.0f TFLOP/s measured above)\n", bandwidth / 1e9,
+              matmul / 1e12);
+  cudaFree(w);
+  cudaFree(xa);
+  cudaFree(xb);
+  cudaFree(yf);
+  cudaFree(gu);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string model = "configs/qwen2.5-7b";
   int decode_steps = 256;
+  bool profile = true, long_runs = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--model"))
       model = argv[i + 1];
     else if (!std::strcmp(argv[i], "--decode-steps"))
       decode_steps = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--profile"))
+      profile = std::atoi(argv[i + 1]) != 0;
+    else if (!std::strcmp(argv[i], "--long"))
+      long_runs = std::atoi(argv[i + 1]) != 0;
     else
       Die(std::string("unknown flag ") + argv[i]);
   }
@@ -153,6 +342,8 @@ int main(int argc, char** argv) {
     cudaFree(y);
   }
 
+  if (profile) ProfileOps(config, st, bandwidth, matmul);
+
   const auto t0 = Clock::now();
   auto be = CudaBackend::CreateDummy(config, 0);
   if (!be.ok()) Die(be.status().ToString());
@@ -160,16 +351,25 @@ int main(int argc, char** argv) {
   const double init_s = Seconds(t0, Clock::now());
   const double weight_bytes = static_cast<double>(backend.WeightBytes());
   const double params = static_cast<double>(config.NumParameters());
-  const int32_t bs = 32, max_tokens = 8192;
+  const int32_t bs = 32, max_tokens = 16384;
   auto blocks = backend.ProposeNumKvBlocks(bs, 0.9, max_tokens);
   if (!blocks.ok()) Die(blocks.status().ToString());
   Check(backend.AllocateKvCache({*blocks, bs}));
   const int32_t vocab = static_cast<int32_t>(config.vocab_size);
+  const double kv_per_token = static_cast<double>(backend.KvBytesPerToken());
   std::vector<float> logits;
 
-  // 3. Batch-1 decode after a 128-token prompt.
-  double decode_tps = 0, decode_ms = 0;
-  {
+  // 3. Batch-1 decode after a 128-token prompt: cuBLASLt GEMMs (gemv 0), then the default path.
+  // Modes: 0 cuBLASLt GEMMs + CUDA-core attention, 1 skinny GEMMs + CUDA-core attention,
+  // 2 skinny GEMMs + tensor-core decode attention (the default).
+  constexpr int kModes = 3;
+  const char* mode_names[kModes] = {"cuBLASLt, CUDA-core attn", "gemv, CUDA-core attn",
+                                    "gemv, tensor-core attn"};
+  double decode_tps[kModes] = {}, decode_ms[kModes] = {};
+  const int default_gemv = cuda::Gemm().gemv_max_rows();
+  for (int mode = 0; mode < kModes; ++mode) {
+    Check(backend.SetGemvMaxRows(mode == 0 ? 0 : default_gemv));
+    Check(backend.SetDecodeAttentionMma(mode == 2));
     int32_t next = 0;
     std::vector<SeqState> seqs(1);
     ForwardBatch p = MakeBatch(seqs, 128, bs, &next, vocab);
@@ -183,8 +383,8 @@ int main(int argc, char** argv) {
     const auto a = Clock::now();
     for (auto& d : steps) Check(backend.Forward(d, &logits));
     const double t = Seconds(a, Clock::now());
-    decode_tps = decode_steps / t;
-    decode_ms = t / decode_steps * 1e3;
+    decode_tps[mode] = decode_steps / t;
+    decode_ms[mode] = t / decode_steps * 1e3;
   }
   // 4. One 4096-token prefill (logits of the last token).
   double prefill_s = 0;
@@ -200,27 +400,61 @@ int main(int argc, char** argv) {
     }
     prefill_s = Median(ts);
   }
-  // 5. 64 sequences of 128 prompt + 128 generated tokens: one packed prefill, 128 decode steps.
-  double conc_tps = 0, conc_step_ms = 0, conc_prefill_s = 0;
-  {
+  // 5. 64 sequences of `in` prompt + `out` generated tokens through the backend: prefill in steps
+  // of whole prompts (at most max_tokens tokens), then out - 1 decode steps of all 64. Limit:
+  // prefill FLOPs (2 * params * tokens + causal attention 2 * in^2 * q_size * layers per sequence)
+  // / matmul rate, plus per decode step (weight bytes + KV bytes of all contexts) / bandwidth.
+  struct Workload {
+    int in, out;
+    double tps = 0, prefill_s = 0, step_ms = 0, limit_tps = 0, logits_ms = 0;
+  };
+  std::vector<Workload> loads = {{128, 128}};
+  if (long_runs) loads.insert(loads.end(), {{2048, 128}, {128, 2048}});
+  for (Workload& wl : loads) {
+    const int S = 64;
     int32_t next = 0;
-    std::vector<SeqState> seqs(64);
-    ForwardBatch warm = MakeBatch(seqs, 128, bs, &next, vocab);
-    Check(backend.Forward(warm, &logits));  // warm-up of the shapes
-    next = 0;
-    seqs.assign(64, SeqState{});
+    std::vector<SeqState> seqs(S);
+    if (&wl == &loads[0]) {  // warm-up of the shapes
+      ForwardBatch warm = MakeBatch(seqs, wl.in, bs, &next, vocab);
+      Check(backend.Forward(warm, &logits));
+      next = 0;
+      seqs.assign(S, SeqState{});
+    }
+    const int per_step = std::max(1, max_tokens / wl.in);
     const auto a = Clock::now();
-    ForwardBatch p = MakeBatch(seqs, 128, bs, &next, vocab);
-    Check(backend.Forward(p, &logits));
+    for (int s0 = 0; s0 < S; s0 += per_step) {
+      std::vector<SeqState> part(seqs.begin() + s0, seqs.begin() + std::min(S, s0 + per_step));
+      ForwardBatch p = MakeBatch(part, wl.in, bs, &next, vocab);
+      Check(backend.Forward(p, &logits));
+      std::copy(part.begin(), part.end(), seqs.begin() + s0);
+    }
     const auto b = Clock::now();
-    for (int i = 0; i < 127; ++i) {
+    for (int i = 0; i < wl.out - 1; ++i) {
       ForwardBatch d = MakeBatch(seqs, 1, bs, &next, vocab);
       Check(backend.Forward(d, &logits));
     }
     const auto c = Clock::now();
-    conc_prefill_s = Seconds(a, b);
-    conc_step_ms = Seconds(b, c) / 127 * 1e3;
-    conc_tps = 64.0 * 128 / Seconds(a, c);
+    wl.prefill_s = Seconds(a, b);
+    wl.step_ms = Seconds(b, c) / (wl.out - 1) * 1e3;
+    wl.tps = double(S) * wl.out / Seconds(a, c);
+    double limit_s =
+        S *
+        (2.0 * params * wl.in + 2.0 * wl.in * double(wl.in) * config.q_size() * config.num_layers) /
+        matmul;
+    for (int i = 1; i < wl.out; ++i)
+      limit_s += (weight_bytes + S * (wl.in + i) * kv_per_token) / bandwidth;
+    wl.limit_tps = double(S) * wl.out / limit_s;
+    // The logits of one batch-64 step copied to the host (part of every decode step).
+    std::vector<float> host(static_cast<size_t>(S) * vocab);
+    float* dev;
+    Check(cudaMalloc(&dev, host.size() * 4), "malloc");
+    wl.logits_ms =
+        TimeEvents(st, 5,
+                   [&] {
+                     cudaMemcpyAsync(host.data(), dev, host.size() * 4, cudaMemcpyDeviceToHost, st);
+                   }) *
+        1e3;
+    cudaFree(dev);
   }
 
   const double decode_limit = bandwidth / weight_bytes;
@@ -238,17 +472,25 @@ int main(int argc, char** argv) {
               "", "");
   std::printf("%-44s %9.0f TFLOP/s %14s %8s\n", "bf16 matmul 8192^3 (cuBLASLt)", matmul / 1e12, "",
               "");
-  std::printf("%-44s %10.1f tok/s %8.1f tok/s %7.1f%%\n",
-              "batch-1 decode (128-token context, graphs)", decode_tps, decode_limit,
-              100 * decode_tps / decode_limit);
-  std::printf("%-44s %11.2f ms %11.2f ms %7.1f%%\n", "batch-1 decode step", decode_ms,
-              1e3 / decode_limit, 100 * decode_tps / decode_limit);
+  for (int mode = 0; mode < kModes; ++mode) {
+    char name[64];
+    std::snprintf(name, sizeof name, "batch-1 decode, %s", mode_names[mode]);
+    std::printf("%-44s %10.1f tok/s %8.1f tok/s %7.1f%%\n", name, decode_tps[mode], decode_limit,
+                100 * decode_tps[mode] / decode_limit);
+    std::printf("%-44s %11.2f ms %11.2f ms %7.1f%%\n", "  step", decode_ms[mode],
+                1e3 / decode_limit, 100 * decode_tps[mode] / decode_limit);
+  }
   std::printf("%-44s %11.1f ms %11.1f ms %7.1f%%\n", "prefill, one 4096-token prompt",
               prefill_s * 1e3, prefill_limit_s * 1e3, 100 * prefill_limit_s / prefill_s);
   std::printf("%-44s %10.0f tok/s\n", "prefill tokens/s", 4096 / prefill_s);
-  std::printf("%-44s %10.0f tok/s (prefill of 8192 tokens %.1f ms, decode step %.2f ms)\n",
-              "64 x (128 in / 128 out), backend only", conc_tps, conc_prefill_s * 1e3,
-              conc_step_ms);
+  for (const Workload& wl : loads) {
+    char name[64];
+    std::snprintf(name, sizeof name, "64 x (%d in / %d out), backend only", wl.in, wl.out);
+    std::printf("%-44s %10.0f tok/s %8.0f tok/s %7.1f%%\n", name, wl.tps, wl.limit_tps,
+                100 * wl.tps / wl.limit_tps);
+    std::printf("  prefill %.1f ms, decode step %.2f ms (of which logits to host %.2f ms)\n",
+                wl.prefill_s * 1e3, wl.step_ms, wl.logits_ms);
+  }
   cudaStreamDestroy(st);
   return 0;
 }

@@ -94,6 +94,9 @@ Status CudaBackend::Init() {
   }
   QILIN_CUDA_RETURN(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
   QILIN_RETURN_IF_ERROR(gemm_.Init());
+  if (options_.gemv_max_rows >= 0) {
+    gemm_.set_gemv_max_rows(std::min(options_.gemv_max_rows, cuda::kGemvMaxRows));
+  }
   const cpu::RopeFreqs f = cpu::ComputeRopeFreqs(config_, 0, 1.0);
   base_inv_freq_ = f.inv_freq;
   base_attn_scale_ = f.attention_scaling;
@@ -403,6 +406,23 @@ Status CudaBackend::AllocateKvCache(const KvCacheLayout& layout) {
   return Status::Ok();
 }
 
+Status CudaBackend::SetGemvMaxRows(int rows) {
+  if (rows < 0 || rows > cuda::kGemvMaxRows) {
+    return InvalidArgument("gemv_max_rows = {} is outside [0, {}]", rows, cuda::kGemvMaxRows);
+  }
+  QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before switching GEMM paths");
+  DropGraphs();
+  gemm_.set_gemv_max_rows(rows);
+  return Status::Ok();
+}
+
+Status CudaBackend::SetDecodeAttentionMma(bool on) {
+  QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before switching attention kernels");
+  DropGraphs();
+  options_.decode_attention_mma = on;
+  return Status::Ok();
+}
+
 Status CudaBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
   for (const auto& [src, dst] : src_dst) {
     for (int32_t b : {src, dst}) {
@@ -514,10 +534,12 @@ Status CudaBackend::RunStep(const InputLayout& il, const StepShape& s) {
                                         w.k_norm, eps, rope, slots, q_, k_cache, v_cache, stream_),
                       "rope + KV write");
     for (int32_t d0 = 0; d0 < s.decode; d0 += kDecodeChunk) {
-      QILIN_CUDA_RETURN(cuda::PagedAttentionDecode(q_, k_cache, v_cache, ab, decode_tokens + d0,
-                                                   std::min(kDecodeChunk, s.decode - d0),
-                                                   s.max_splits, c.num_heads, c.num_kv_heads,
-                                                   c.head_dim, scale, partial_, attn_, stream_),
+      const bool mma = options_.decode_attention_mma &&
+                       cuda::DecodeMmaSupported(c.head_dim, c.num_heads, c.num_kv_heads);
+      auto* attend = mma ? cuda::PagedAttentionDecodeMma : cuda::PagedAttentionDecode;
+      QILIN_CUDA_RETURN(attend(q_, k_cache, v_cache, ab, decode_tokens + d0,
+                               std::min(kDecodeChunk, s.decode - d0), s.max_splits, c.num_heads,
+                               c.num_kv_heads, c.head_dim, scale, partial_, attn_, stream_),
                         "decode attention");
     }
     QILIN_CUDA_RETURN(
@@ -527,9 +549,7 @@ Status CudaBackend::RunStep(const InputLayout& il, const StepShape& s) {
     QILIN_RETURN_IF_ERROR(gemm_.Linear(attn_, n, qs, w.o, hid, w.o_bias, y_, true, stream_));
     QILIN_CUDA_RETURN(cuda::AddRmsNorm(x_, y_, nullptr, n, hid, w.post_norm, eps, h_, stream_),
                       "post norm");
-    QILIN_RETURN_IF_ERROR(
-        gemm_.Linear(h_, n, hid, w.gate_up, 2 * inter, nullptr, gu_, true, stream_));
-    QILIN_CUDA_RETURN(cuda::SiluMul(gu_, n, inter, act_, stream_), "silu");
+    QILIN_RETURN_IF_ERROR(gemm_.LinearSwiGlu(h_, n, hid, w.gate_up, inter, gu_, act_, stream_));
     QILIN_RETURN_IF_ERROR(gemm_.Linear(act_, n, inter, w.down, hid, nullptr, y_, true, stream_));
   }
   // Last residual add (the norm output is not used); then final norm + lm_head on sampled rows.

@@ -24,6 +24,11 @@ int CudaDeviceCount();
 
 struct CudaBackendOptions {
   bool cuda_graphs = true;  // capture decode-only steps per batch-size bucket
+  // Steps of at most this many tokens use the skinny GEMM kernel (gemv.cu) instead of cuBLASLt;
+  // 0 turns it off, -1 keeps cuda::Gemm's default.
+  int gemv_max_rows = -1;
+  // Decode attention on tensor cores where the shape allows (cuda::DecodeMmaSupported).
+  bool decode_attention_mma = true;
 };
 
 class CudaBackend : public Backend {
@@ -55,6 +60,11 @@ class CudaBackend : public Backend {
   // Graphs captured so far (for tests and benchmarks).
   int NumGraphs() const { return static_cast<int>(graphs_.size()); }
   cudaStream_t stream() const { return stream_; }
+  // Switches the skinny GEMM threshold (CudaBackendOptions::gemv_max_rows) and drops the graphs
+  // captured with the old one; for benchmarks comparing the two paths.
+  Status SetGemvMaxRows(int rows);
+  // Switches CudaBackendOptions::decode_attention_mma (drops the captured graphs).
+  Status SetDecodeAttentionMma(bool on);
 
  private:
   struct DevLayer {

@@ -134,26 +134,29 @@ TEST(CudaOps, AddRmsNormAndRows) {
 
 TEST(CudaOps, SiluMul) {
   SKIP_WITHOUT_GPU();
-  const int64_t n = 5, inter = 333;
-  auto gu = RandF32(n * 2 * inter, 2.0f);
-  Dev<float> dgu(gu);
-  Dev<uint16_t> dout(n * inter);
-  CUDA_OK(cuda::SiluMul(dgu.p, n, inter, dout.p, nullptr));
-  std::vector<float> g(n * inter), u(n * inter), ref(n * inter);
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t j = 0; j < inter; ++j) {
-      g[r * inter + j] = gu[r * 2 * inter + j];
-      u[r * inter + j] = gu[r * 2 * inter + inter + j];
+  for (int64_t inter : {333, 332}) {  // scalar kernel; 4-wide kernel
+    const int64_t n = 5;
+    auto gu = RandF32(n * 2 * inter, 2.0f);
+    Dev<float> dgu(gu);
+    Dev<uint16_t> dout(n * inter);
+    CUDA_OK(cuda::SiluMul(dgu.p, n, inter, dout.p, nullptr));
+    std::vector<float> g(n * inter), u(n * inter), ref(n * inter);
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t j = 0; j < inter; ++j) {
+        g[r * inter + j] = gu[r * 2 * inter + j];
+        u[r * inter + j] = gu[r * 2 * inter + inter + j];
+      }
     }
+    cpu::SiluMul(g.data(), u.data(), n, inter, ref.data());
+    EXPECT_LT(RelErr(ToF32(dout.Get()), ref), kBf16Tol) << inter;
   }
-  cpu::SiluMul(g.data(), u.data(), n, inter, ref.data());
-  EXPECT_LT(RelErr(ToF32(dout.Get()), ref), kBf16Tol);
 }
 
 TEST(CudaOps, LinearThroughCublasLt) {
   SKIP_WITHOUT_GPU();
   cuda::Gemm gemm;
   ASSERT_TRUE(gemm.Init().ok());
+  gemm.set_gemv_max_rows(0);  // every n through cuBLASLt
   for (int64_t n : {1, 3, 37, 300}) {
     for (bool with_bias : {false, true}) {
       for (bool f32 : {false, true}) {
@@ -177,6 +180,82 @@ TEST(CudaOps, LinearThroughCublasLt) {
       }
     }
   }
+}
+
+// The skinny decode GEMM against cpu::Linear for every token count it takes, odd row counts, a
+// long reduction (the unrolled loop and its remainder), bias and both output types.
+TEST(CudaOps, GemvEveryTokenCount) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t n = 1; n <= cuda::kGemvMaxRows; ++n) {
+    for (int64_t in : {8, 296, 2056}) {
+      for (bool with_bias : {false, true}) {
+        for (bool f32 : {false, true}) {
+          const int64_t out = 203;
+          auto x = RandBf16(n * in), w = RandBf16(out * in, 0.1f), b = RandBf16(out);
+          std::vector<float> bf = ToF32(b);
+          Dev<uint16_t> dx(x), dw(w), db(b);
+          Dev<float> dbf(bf);
+          Dev<uint16_t> dy16(n * out);
+          Dev<float> dy32(n * out);
+          const void* bias = !with_bias ? nullptr : f32 ? static_cast<const void*>(dbf.p) : db.p;
+          CUDA_OK(cuda::Gemv(dx.p, n, in, dw.p, out, bias,
+                             f32 ? static_cast<void*>(dy32.p) : dy16.p, f32, nullptr));
+          CUDA_OK(cudaDeviceSynchronize());
+          std::vector<float> xf = ToF32(x), ref(n * out);
+          cpu::Linear(xf.data(), n, in, {DType::kBF16, w.data()}, out,
+                      {DType::kBF16, with_bias ? b.data() : nullptr}, ref.data());
+          const double err = RelErr(f32 ? dy32.Get() : ToF32(dy16.Get()), ref);
+          EXPECT_LT(err, f32 ? 1e-5 : kBf16Tol) << n << " " << in << " " << with_bias << " " << f32;
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaOps, GemvSwiGluAgainstLinearAndSiluMul) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t n : {1, 2, 5, 8}) {
+    const int64_t in = 1032, inter = 77;
+    auto x = RandBf16(n * in), w = RandBf16(2 * inter * in, 0.05f);
+    Dev<uint16_t> dx(x), dw(w), dout(n * inter);
+    CUDA_OK(cuda::GemvSwiGlu(dx.p, n, in, dw.p, inter, dout.p, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<float> xf = ToF32(x), gu(n * 2 * inter), g(n * inter), u(n * inter), ref(n * inter);
+    cpu::Linear(xf.data(), n, in, {DType::kBF16, w.data()}, 2 * inter, {DType::kBF16, nullptr},
+                gu.data());
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t j = 0; j < inter; ++j) {
+        g[r * inter + j] = gu[r * 2 * inter + j];
+        u[r * inter + j] = gu[r * 2 * inter + inter + j];
+      }
+    }
+    cpu::SiluMul(g.data(), u.data(), n, inter, ref.data());
+    EXPECT_LT(RelErr(ToF32(dout.Get()), ref), kBf16Tol) << n;
+  }
+}
+
+// Shapes the skinny kernel cannot take are refused, and Gemm sends them to cuBLASLt instead.
+TEST(CudaOps, GemvRefusesUnsupportedShapes) {
+  SKIP_WITHOUT_GPU();
+  Dev<uint16_t> dx(9 * 20), dw(20 * 20), dy(9 * 20);
+  EXPECT_EQ(cuda::Gemv(dx.p, 1, 20 - 3, dw.p, 20, nullptr, dy.p, false, nullptr),
+            cudaErrorInvalidValue);  // in not a multiple of 8
+  EXPECT_EQ(cuda::Gemv(dx.p, cuda::kGemvMaxRows + 1, 16, dw.p, 20, nullptr, dy.p, false, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(cuda::Gemv(dx.p + 1, 1, 16, dw.p, 20, nullptr, dy.p, false, nullptr),
+            cudaErrorInvalidValue);  // x not 16-byte aligned
+  cudaGetLastError();
+  cuda::Gemm gemm;
+  ASSERT_TRUE(gemm.Init().ok());
+  gemm.set_gemv_max_rows(cuda::kGemvMaxRows);
+  const int64_t n = 3, in = 21, out = 19;  // odd in: cuBLASLt path
+  auto x = RandBf16(n * in), w = RandBf16(out * in, 0.1f);
+  Dev<uint16_t> ex(x), ew(w);
+  Dev<float> ey(n * out);
+  ASSERT_TRUE(gemm.Linear(ex.p, n, in, ew.p, out, nullptr, ey.p, true, nullptr).ok());
+  std::vector<float> xf = ToF32(x), ref(n * out);
+  cpu::Linear(xf.data(), n, in, {DType::kBF16, w.data()}, out, {DType::kBF16, nullptr}, ref.data());
+  EXPECT_LT(RelErr(ey.Get(), ref), 1e-4);
 }
 
 // Rope + qk-norm + logn + KV write for every scaling type, with two rope tables in one batch.
@@ -255,7 +334,7 @@ TEST(CudaOps, RopeWriteKvAllScalingTypes) {
 
 // Paged attention (decode split-KV and tensor-core prefill) vs cpu::PagedAttention on a batch of
 // a fresh prefill, a chunked prefill over a cached prefix, and long and short decodes.
-void CheckAttention(int64_t hd, int64_t H, int64_t KV, bool use_prefill) {
+void CheckAttention(int64_t hd, int64_t H, int64_t KV, bool use_prefill, bool decode_mma = false) {
   const int32_t bs = 16, num_blocks = 200;
   const int64_t kv_size = KV * hd, q_size = H * hd;
   // (new tokens, context) per sequence.
@@ -299,8 +378,15 @@ void CheckAttention(int64_t hd, int64_t H, int64_t KV, bool use_prefill) {
   Dev<int2> dtiles(tiles);
   Dev<float> partial(cuda::DecodePartialFloats(decode.size(), H, hd));
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  CUDA_OK(cuda::PagedAttentionDecode(dq.p, dk.p, dv.p, ab, ddec.p, decode.size(), cuda::kMaxSplits,
-                                     H, KV, hd, scale, partial.p, dout.p, nullptr));
+  if (decode_mma) {
+    CUDA_OK(cuda::PagedAttentionDecodeMma(dq.p, dk.p, dv.p, ab, ddec.p, decode.size(),
+                                          cuda::kMaxSplits, H, KV, hd, scale, partial.p, dout.p,
+                                          nullptr));
+  } else {
+    CUDA_OK(cuda::PagedAttentionDecode(dq.p, dk.p, dv.p, ab, ddec.p, decode.size(),
+                                       cuda::kMaxSplits, H, KV, hd, scale, partial.p, dout.p,
+                                       nullptr));
+  }
   CUDA_OK(cuda::PagedAttentionPrefill(dq.p, dk.p, dv.p, ab, dtiles.p, tiles.size(), H, KV, hd,
                                       scale, dout.p, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
@@ -309,7 +395,8 @@ void CheckAttention(int64_t hd, int64_t H, int64_t KV, bool use_prefill) {
   auto qf = ToF32(q), kf = ToF32(kc), vf = ToF32(vc);
   cpu::PagedAttention(qf.data(), kf.data(), vf.data(), pab, H, KV, hd, scale, ref.data());
   EXPECT_LT(RelErr(ToF32(dout.Get()), ref), kBf16Tol)
-      << "hd " << hd << " H " << H << " KV " << KV << " prefill " << use_prefill;
+      << "hd " << hd << " H " << H << " KV " << KV << " prefill " << use_prefill << " mma "
+      << decode_mma;
 }
 
 TEST(CudaOps, PagedAttentionDecodeAnyHeadDim) {
@@ -317,6 +404,21 @@ TEST(CudaOps, PagedAttentionDecodeAnyHeadDim) {
   CheckAttention(12, 6, 2, false);
   CheckAttention(10, 4, 4, false);
   CheckAttention(128, 28, 4, false);
+  CheckAttention(64, 8, 1, false);  // 16-byte staging path, group of 8
+  CheckAttention(24, 6, 3, false);
+}
+
+// Every token through the tensor-core decode kernel (long, short and prefill-sized query runs
+// alike); group sizes 1, 7, 8 and 16.
+TEST(CudaOps, PagedAttentionDecodeTensorCores) {
+  SKIP_WITHOUT_GPU();
+  ASSERT_TRUE(cuda::DecodeMmaSupported(128, 28, 4) && !cuda::DecodeMmaSupported(96, 4, 4) &&
+              !cuda::DecodeMmaSupported(64, 34, 2));
+  CheckAttention(128, 28, 4, false, true);
+  CheckAttention(64, 14, 2, false, true);
+  CheckAttention(128, 8, 8, false, true);
+  CheckAttention(64, 16, 1, false, true);
+  CheckAttention(128, 16, 2, false, true);
 }
 
 TEST(CudaOps, PagedAttentionPrefillTensorCores) {

@@ -2,6 +2,7 @@
 # On the GPU machine, from the repository root, over what tools/device/pack.sh put in .dev/gpu:
 # every GPU test, compute-sanitizer memcheck and racecheck over the GPU tests, `qilin generate
 # --device cuda`, and the benchmark; a short table at the end. Builds nothing. Logs go to $OUT.
+# QILIN_SKIP_TOKENIZER=1 leaves out the tokenizer benchmarks.
 set -uo pipefail
 G="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-/tmp/qilin-gpu-out}"
@@ -56,7 +57,7 @@ same = sum(x == y for x, y in zip(a, b))
 print(f"{same}/{len(a)} requests identical batched vs alone (of {len(b)})")
 PY
 )"
-if [ -x "$G/qilin_bench_tokenizer" ]; then
+if [ -x "$G/qilin_bench_tokenizer" ] && [ -z "${QILIN_SKIP_TOKENIZER:-}" ]; then
   run tok_qilin 200 "$G/qilin_bench_tokenizer" --tokenizer "$G/tokenizer" --corpus "$G/tok_corpus.txt"
   run tok_reference 300 python3 "$G/bench_reference.py" --data "$G/tokenizer" --corpus "$G/tok_corpus.txt"
 fi

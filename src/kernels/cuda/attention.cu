@@ -13,11 +13,12 @@ constexpr int kDecodeTile = 32;  // keys per shared-memory tile (one per lane)
 constexpr int kDecodeWarps = 4;
 constexpr int kMaxHeadsPerWarp = 4;  // group size up to 16
 constexpr int kMaxDPerLane = 8;      // head_dim up to 256
+constexpr int kStageLoads = 4;       // 16-byte K and V loads in flight per thread (decode)
 
 __host__ __device__ inline int32_t Partition(int32_t ctx) {
   const int32_t per = (ctx + kMaxSplits - 1) / kMaxSplits;
   const int32_t rounded = (per + 31) / 32 * 32;
-  return rounded > 64 ? rounded : 64;
+  return rounded > 32 ? rounded : 32;  // one tile per split up to 512 keys
 }
 
 __device__ __forceinline__ float Bf(const bf16_t* p, int64_t i) {
@@ -69,13 +70,46 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
   for (int32_t k0 = start; k0 < end; k0 += kDecodeTile) {
     const int nk = min(kDecodeTile, end - k0);
     __syncthreads();
-    for (int i = threadIdx.x; i < nk * half_d; i += blockDim.x) {
-      const int j = i / half_d, d2 = i - j * half_d;
-      const int64_t base = SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D;
-      reinterpret_cast<uint32_t*>(k_s + j * Dp)[d2] =
-          reinterpret_cast<const uint32_t*>(k_cache + base)[d2];
-      reinterpret_cast<uint32_t*>(v_s + j * D)[d2] =
-          reinterpret_cast<const uint32_t*>(v_cache + base)[d2];
+    if (D % 8 == 0) {
+      // 16-byte loads, kStageLoads of K and of V in flight per thread before any store (a
+      // dependent table-then-cache chain per chunk otherwise serialises the tile's load).
+      const int cpr = D / 8, total = nk * cpr;
+      for (int i0 = threadIdx.x; i0 < total; i0 += kStageLoads * blockDim.x) {
+        uint4 kv[kStageLoads], vv[kStageLoads];
+#pragma unroll
+        for (int u = 0; u < kStageLoads; ++u) {
+          const int i = i0 + u * blockDim.x;
+          if (i < total) {
+            const int j = i / cpr, d8 = (i - j * cpr) * 8;
+            const int64_t base =
+                SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D + d8;
+            kv[u] = *reinterpret_cast<const uint4*>(k_cache + base);
+            vv[u] = *reinterpret_cast<const uint4*>(v_cache + base);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kStageLoads; ++u) {
+          const int i = i0 + u * blockDim.x;
+          if (i < total) {
+            const int j = i / cpr, d8 = (i - j * cpr) * 8;
+            uint32_t* kd = reinterpret_cast<uint32_t*>(k_s + j * Dp + d8);  // 4-byte aligned rows
+            kd[0] = kv[u].x;
+            kd[1] = kv[u].y;
+            kd[2] = kv[u].z;
+            kd[3] = kv[u].w;
+            *reinterpret_cast<uint4*>(v_s + j * D + d8) = vv[u];
+          }
+        }
+      }
+    } else {
+      for (int i = threadIdx.x; i < nk * half_d; i += blockDim.x) {
+        const int j = i / half_d, d2 = i - j * half_d;
+        const int64_t base = SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D;
+        reinterpret_cast<uint32_t*>(k_s + j * Dp)[d2] =
+            reinterpret_cast<const uint32_t*>(k_cache + base)[d2];
+        reinterpret_cast<uint32_t*>(v_s + j * D)[d2] =
+            reinterpret_cast<const uint32_t*>(v_cache + base)[d2];
+      }
     }
     __syncthreads();
 #pragma unroll
@@ -84,14 +118,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
       if (hl >= group) break;
       float s = -INFINITY;
       if (lane < nk) {
-        const float* qh = q_s + hl * D;
+        const float2* qh = reinterpret_cast<const float2*>(q_s + hl * D);
         const __nv_bfloat162* kr = reinterpret_cast<const __nv_bfloat162*>(k_s + lane * Dp);
-        float acc = 0.0f;
+        float acc0 = 0.0f, acc1 = 0.0f;  // two chains; unrolled so the loads run ahead
+#pragma unroll 8
         for (int d2 = 0; d2 < half_d; ++d2) {
           const float2 kv = __bfloat1622float2(kr[d2]);
-          acc += qh[2 * d2] * kv.x + qh[2 * d2 + 1] * kv.y;
+          const float2 qv = qh[d2];
+          acc0 = fmaf(qv.x, kv.x, acc0);
+          acc1 = fmaf(qv.y, kv.y, acc1);
         }
-        s = acc;
+        s = acc0 + acc1;
       }
       float mx = s;
       for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
@@ -104,6 +141,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
       m[hi] = m_new;
 #pragma unroll
       for (int i = 0; i < kMaxDPerLane; ++i) o[hi][i] *= corr;
+#pragma unroll 4
       for (int j = 0; j < nk; ++j) {
         const float pj = __shfl_sync(0xffffffffu, p, j);
         const bf16_t* vr = v_s + j * D;
@@ -193,15 +231,54 @@ __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared without a register round trip; zero-filled when !valid.
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Four 8x8 b16 matrices: lane l gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void LdMatrixX4(uint32_t r[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(smem)));
+}
+
+// Four 8x8 b16 matrices, transposed: lane l gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t r[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(smem)));
+}
+
+template <int D>
+constexpr size_t PrefillSmemBytes() {
+  return size_t{2} * 2 * kKeyTile * (D + kPad) * sizeof(bf16_t);  // 2 stages of K and V
+}
+
 // Block (tile of up to 64 query tokens of one sequence, head): 16 query rows per warp. Per key
 // tile: S = Q K^T (64 x 64), online softmax in registers, O += P V. Flops 4 * 64 * keys * D.
+// K and V tiles stream through two shared-memory stages by cp.async (the next tile loads while
+// this one is multiplied); V's B fragments come transposed by ldmatrix.trans from row-major
+// rows, so no thread transposes through shared memory.
 template <int D>
 __global__ void __launch_bounds__(kPrefillWarps * 32)
     PrefillKernel(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, AttnBatch b,
                   const int2* tiles, int num_heads, int num_kv_heads, float scale_log2,
                   bf16_t* out) {
-  __shared__ __align__(16) bf16_t k_s[kKeyTile][D + kPad];
-  __shared__ __align__(16) bf16_t vt_s[D][kKeyTile + kPad];
+  extern __shared__ __align__(16) unsigned char prefill_smem[];
+  using Row = bf16_t[D + kPad];
+  Row* k_s = reinterpret_cast<Row*>(prefill_smem);  // [2][kKeyTile]
+  Row* v_s = k_s + 2 * kKeyTile;                    // [2][kKeyTile]
   const int2 tile = tiles[blockIdx.x];
   const int h = blockIdx.y;
   const int seq = tile.x, q0 = tile.y;
@@ -213,6 +290,20 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
   const int g = lane >> 2, c = lane & 3;
   const int64_t q_stride = static_cast<int64_t>(num_heads) * D;
   const int64_t kv_size = static_cast<int64_t>(num_kv_heads) * D;
+
+  auto load_tile = [&](int stage, int32_t k0) {
+    for (int i = threadIdx.x; i < kKeyTile * (D / 8); i += blockDim.x) {
+      const int j = i / (D / 8), d8 = (i % (D / 8)) * 8;
+      const bool valid = k0 + j < kv_len;
+      const int64_t base =
+          valid ? SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D + d8 : 0;
+      CpAsync16(&k_s[stage * kKeyTile + j][d8], k_cache + base, valid);
+      CpAsync16(&v_s[stage * kKeyTile + j][d8], v_cache + base, valid);
+    }
+    CpAsyncCommit();
+  };
+  const int ntiles = (kv_len + kKeyTile - 1) / kKeyTile;
+  load_tile(0, 0);
 
   // Q fragments (A operand) straight from global memory; rows past the tile are zero.
   const int r0 = warp * 16 + g, r1 = r0 + 8;
@@ -234,90 +325,91 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
 
-  for (int32_t k0 = 0; k0 < kv_len; k0 += kKeyTile) {
-    __syncthreads();
-    // K rows as 16-byte vectors; V transposed into vt_s[d][key].
-    for (int i = threadIdx.x; i < kKeyTile * (D / 8); i += blockDim.x) {
-      const int j = i / (D / 8), d8 = (i % (D / 8)) * 8;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (k0 + j < kv_len) {
-        const int64_t base = SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D + d8;
-        kv = *reinterpret_cast<const uint4*>(k_cache + base);
-        vv = *reinterpret_cast<const uint4*>(v_cache + base);
-      }
-      *reinterpret_cast<uint4*>(&k_s[j][d8]) = kv;
-      const bf16_t* ve = reinterpret_cast<const bf16_t*>(&vv);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) vt_s[d8 + e][j] = ve[e];
+  for (int it = 0; it < ntiles; ++it) {
+    const int32_t k0 = it * kKeyTile;
+    const int stage = it & 1;
+    if (it + 1 < ntiles) {
+      load_tile(stage ^ 1, k0 + kKeyTile);  // its stage was freed by the barrier ending it - 1
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
     }
     __syncthreads();
-    if (k0 > pos0 + warp * 16 + 15) continue;  // this warp's rows see none of these keys
-    float s[kKeyTile / 8][4];
+    const Row* ks = k_s + stage * kKeyTile;
+    const Row* vs = v_s + stage * kKeyTile;
+    if (k0 <= pos0 + warp * 16 + 15) {  // else this warp's rows see none of these keys
+      float s[kKeyTile / 8][4];
+      const int mi = lane >> 3, mr = lane & 7;
 #pragma unroll
-    for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+      for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&k_s[nt * 8 + g][kk * 16 + 2 * c]);
-        const uint32_t b1 =
-            *reinterpret_cast<const uint32_t*>(&k_s[nt * 8 + g][kk * 16 + 2 * c + 8]);
-        Mma(s[nt], qf[kk], b0, b1);
+        for (int kk = 0; kk < D / 16; kk += 2) {
+          // Matrices: keys nt * 8 .. + 7 by d (kk * 16 + 8 mi) .. + 7: b0, b1 of kk, of kk + 1.
+          uint32_t r[4];
+          LdMatrixX4(r, &ks[nt * 8 + mr][kk * 16 + mi * 8]);
+          Mma(s[nt], qf[kk], r[0], r[1]);
+          Mma(s[nt], qf[kk + 1], r[2], r[3]);
+        }
       }
-    }
-    float mx0 = -INFINITY, mx1 = -INFINITY;
+      float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-    for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-      const int32_t kp = k0 + nt * 8 + 2 * c;
-      s[nt][0] = kp <= qp0 ? s[nt][0] * scale_log2 : -INFINITY;
-      s[nt][1] = kp + 1 <= qp0 ? s[nt][1] * scale_log2 : -INFINITY;
-      s[nt][2] = kp <= qp1 ? s[nt][2] * scale_log2 : -INFINITY;
-      s[nt][3] = kp + 1 <= qp1 ? s[nt][3] * scale_log2 : -INFINITY;
-      mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-      mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-    }
-    for (int off = 1; off < 4; off <<= 1) {
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-    }
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-    const float corr0 = exp2f(m0 - mu0), corr1 = exp2f(m1 - mu1);
-    m0 = mn0;
-    m1 = mn1;
-    float sum0 = 0.0f, sum1 = 0.0f;
+      for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+        const int32_t kp = k0 + nt * 8 + 2 * c;
+        s[nt][0] = kp <= qp0 ? s[nt][0] * scale_log2 : -INFINITY;
+        s[nt][1] = kp + 1 <= qp0 ? s[nt][1] * scale_log2 : -INFINITY;
+        s[nt][2] = kp <= qp1 ? s[nt][2] * scale_log2 : -INFINITY;
+        s[nt][3] = kp + 1 <= qp1 ? s[nt][3] * scale_log2 : -INFINITY;
+        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+      }
+      for (int off = 1; off < 4; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+      }
+      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+      const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+      const float corr0 = exp2f(m0 - mu0), corr1 = exp2f(m1 - mu1);
+      m0 = mn0;
+      m1 = mn1;
+      float sum0 = 0.0f, sum1 = 0.0f;
 #pragma unroll
-    for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-      s[nt][0] = exp2f(s[nt][0] - mu0);
-      s[nt][1] = exp2f(s[nt][1] - mu0);
-      s[nt][2] = exp2f(s[nt][2] - mu1);
-      s[nt][3] = exp2f(s[nt][3] - mu1);
-      sum0 += s[nt][0] + s[nt][1];
-      sum1 += s[nt][2] + s[nt][3];
-    }
-    l0 = l0 * corr0 + sum0;
-    l1 = l1 * corr1 + sum1;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      o[dt][0] *= corr0;
-      o[dt][1] *= corr0;
-      o[dt][2] *= corr1;
-      o[dt][3] *= corr1;
-    }
-#pragma unroll
-    for (int kv = 0; kv < kKeyTile / 16; ++kv) {
-      uint32_t a[4];
-      a[0] = Pack(s[2 * kv][0], s[2 * kv][1]);
-      a[1] = Pack(s[2 * kv][2], s[2 * kv][3]);
-      a[2] = Pack(s[2 * kv + 1][0], s[2 * kv + 1][1]);
-      a[3] = Pack(s[2 * kv + 1][2], s[2 * kv + 1][3]);
+      for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+        s[nt][0] = exp2f(s[nt][0] - mu0);
+        s[nt][1] = exp2f(s[nt][1] - mu0);
+        s[nt][2] = exp2f(s[nt][2] - mu1);
+        s[nt][3] = exp2f(s[nt][3] - mu1);
+        sum0 += s[nt][0] + s[nt][1];
+        sum1 += s[nt][2] + s[nt][3];
+      }
+      l0 = l0 * corr0 + sum0;
+      l1 = l1 * corr1 + sum1;
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) {
-        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&vt_s[dt * 8 + g][kv * 16 + 2 * c]);
-        const uint32_t b1 =
-            *reinterpret_cast<const uint32_t*>(&vt_s[dt * 8 + g][kv * 16 + 2 * c + 8]);
-        Mma(o[dt], a, b0, b1);
+        o[dt][0] *= corr0;
+        o[dt][1] *= corr0;
+        o[dt][2] *= corr1;
+        o[dt][3] *= corr1;
+      }
+#pragma unroll
+      for (int kv = 0; kv < kKeyTile / 16; ++kv) {
+        uint32_t a[4];
+        a[0] = Pack(s[2 * kv][0], s[2 * kv][1]);
+        a[1] = Pack(s[2 * kv][2], s[2 * kv][3]);
+        a[2] = Pack(s[2 * kv + 1][0], s[2 * kv + 1][1]);
+        a[3] = Pack(s[2 * kv + 1][2], s[2 * kv + 1][3]);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          // Matrices: (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (8-15, 8-15)
+          // of this 16 x 16 block: b0, b1 of d tile 2 dp, then of d tile 2 dp + 1.
+          uint32_t r[4];
+          LdMatrixX4Trans(r, &vs[kv * 16 + (mi & 1) * 8 + mr][dp * 16 + (mi >> 1) * 8]);
+          Mma(o[2 * dp], a, r[0], r[1]);
+          Mma(o[2 * dp + 1], a, r[2], r[3]);
+        }
       }
     }
+    __syncthreads();  // every warp is done with `stage` before it is loaded again
   }
   for (int off = 1; off < 4; off <<= 1) {
     l0 += __shfl_xor_sync(0xffffffffu, l0, off);
@@ -338,6 +430,218 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
   }
 }
 
+// ---- Decode on tensor cores: the query heads of one KV head are the 16 rows of the MMA. ----
+
+constexpr int kDecMmaWarps = 4;
+constexpr int kDecMmaTile = 64;  // keys per stage; warp w multiplies keys 16 w .. 16 w + 15
+
+template <int D>
+constexpr size_t DecodeMmaSmemBytes() {
+  const size_t stages = size_t{2} * 2 * kDecMmaTile * (D + kPad) * sizeof(bf16_t);
+  const size_t merge = size_t{kDecMmaWarps} * 16 * (D + 2) * sizeof(float);
+  return stages > merge ? stages : merge;
+}
+
+// Block (token, kv head, split) over the split's keys [start, end): K/V tiles of 64 keys stream
+// through two cp.async stages (reads 2 * keys * D * 2 bytes once for all `group` heads); each
+// warp runs S = Q K^T and O += P V on its 16 keys of the tile with online softmax (log2 domain),
+// then the 4 warps' (max, sum, O) merge through shared memory. Output: bf16 rows, or the
+// (max in natural-log units, sum, unnormalised O) partials that CombineKernel merges.
+template <int D>
+__global__ void __launch_bounds__(kDecMmaWarps * 32)
+    DecodeMmaKernel(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, AttnBatch b,
+                    const int32_t* tokens, int num_heads, int num_kv_heads, float scale_log2,
+                    float* partial, bf16_t* out) {
+  extern __shared__ __align__(16) unsigned char dec_smem[];
+  using Row = bf16_t[D + kPad];
+  Row* k_s = reinterpret_cast<Row*>(dec_smem);  // [2][kDecMmaTile]
+  Row* v_s = k_s + 2 * kDecMmaTile;             // [2][kDecMmaTile]
+  const int idx = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int32_t t = tokens[idx];
+  const int32_t ctx = b.positions[t] + 1;
+  const int32_t part = Partition(ctx);
+  const int32_t nsplit = (ctx + part - 1) / part;
+  if (split >= nsplit) return;
+  const int32_t start = split * part, end = min(ctx, start + part);
+  const int32_t seq = b.seq_of[t];
+  const int group = num_heads / num_kv_heads;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3, mi = lane >> 3, mr = lane & 7;
+  const int64_t kv_size = static_cast<int64_t>(num_kv_heads) * D;
+
+  auto load_tile = [&](int stage, int32_t k0) {
+    for (int i = threadIdx.x; i < kDecMmaTile * (D / 8); i += blockDim.x) {
+      const int j = i / (D / 8), d8 = (i % (D / 8)) * 8;
+      const bool valid = k0 + j < end;
+      const int64_t base =
+          valid ? SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D + d8 : 0;
+      CpAsync16(&k_s[stage * kDecMmaTile + j][d8], k_cache + base, valid);
+      CpAsync16(&v_s[stage * kDecMmaTile + j][d8], v_cache + base, valid);
+    }
+    CpAsyncCommit();
+  };
+  const int ntiles = (end - start + kDecMmaTile - 1) / kDecMmaTile;
+  load_tile(0, start);
+
+  // Q fragments: row r is head kvh * group + r (zero past the group).
+  const int r0 = g, r1 = g + 8;
+  uint32_t qf[D / 16][4];
+  {
+    const bf16_t* qt =
+        q + static_cast<int64_t>(t) * num_heads * D + static_cast<int64_t>(kvh) * group * D;
+    const uint32_t* row0 = reinterpret_cast<const uint32_t*>(qt + r0 * D);
+    const uint32_t* row1 = reinterpret_cast<const uint32_t*>(qt + r1 * D);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      qf[kk][0] = r0 < group ? row0[kk * 8 + c] : 0u;
+      qf[kk][1] = r1 < group ? row1[kk * 8 + c] : 0u;
+      qf[kk][2] = r0 < group ? row0[kk * 8 + c + 4] : 0u;
+      qf[kk][3] = r1 < group ? row1[kk * 8 + c + 4] : 0u;
+    }
+  }
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+
+  for (int it = 0; it < ntiles; ++it) {
+    const int32_t k0 = start + it * kDecMmaTile;
+    const int stage = it & 1;
+    if (it + 1 < ntiles) {
+      load_tile(stage ^ 1, k0 + kDecMmaTile);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    const Row* ks = k_s + stage * kDecMmaTile + warp * 16;  // this warp's 16 keys
+    const Row* vs = v_s + stage * kDecMmaTile + warp * 16;
+    const int32_t kw = k0 + warp * 16;
+    if (kw < end) {
+      float s[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk += 2) {
+          uint32_t r[4];
+          LdMatrixX4(r, &ks[nt * 8 + mr][kk * 16 + mi * 8]);
+          Mma(s[nt], qf[kk], r[0], r[1]);
+          Mma(s[nt], qf[kk + 1], r[2], r[3]);
+        }
+      }
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const int32_t kp = kw + nt * 8 + 2 * c;
+        s[nt][0] = kp < end ? s[nt][0] * scale_log2 : -INFINITY;
+        s[nt][1] = kp + 1 < end ? s[nt][1] * scale_log2 : -INFINITY;
+        s[nt][2] = kp < end ? s[nt][2] * scale_log2 : -INFINITY;
+        s[nt][3] = kp + 1 < end ? s[nt][3] * scale_log2 : -INFINITY;
+        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+      }
+      for (int off = 1; off < 4; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+      }
+      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+      const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+      const float corr0 = exp2f(m0 - mu0), corr1 = exp2f(m1 - mu1);
+      m0 = mn0;
+      m1 = mn1;
+      float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        s[nt][0] = exp2f(s[nt][0] - mu0);
+        s[nt][1] = exp2f(s[nt][1] - mu0);
+        s[nt][2] = exp2f(s[nt][2] - mu1);
+        s[nt][3] = exp2f(s[nt][3] - mu1);
+        sum0 += s[nt][0] + s[nt][1];
+        sum1 += s[nt][2] + s[nt][3];
+      }
+      l0 = l0 * corr0 + sum0;
+      l1 = l1 * corr1 + sum1;
+      uint32_t a[4];
+      a[0] = Pack(s[0][0], s[0][1]);
+      a[1] = Pack(s[0][2], s[0][3]);
+      a[2] = Pack(s[1][0], s[1][1]);
+      a[3] = Pack(s[1][2], s[1][3]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        o[2 * dp][0] *= corr0;
+        o[2 * dp][1] *= corr0;
+        o[2 * dp][2] *= corr1;
+        o[2 * dp][3] *= corr1;
+        o[2 * dp + 1][0] *= corr0;
+        o[2 * dp + 1][1] *= corr0;
+        o[2 * dp + 1][2] *= corr1;
+        o[2 * dp + 1][3] *= corr1;
+        uint32_t r[4];
+        LdMatrixX4Trans(r, &vs[(mi & 1) * 8 + mr][dp * 16 + (mi >> 1) * 8]);
+        Mma(o[2 * dp], a, r[0], r[1]);
+        Mma(o[2 * dp + 1], a, r[2], r[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with `stage` before it is loaded again
+  }
+  for (int off = 1; off < 4; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+  }
+  // Merge the warps: red[w][row] = (max, sum, O[0 .. D)) in the stages' memory (free now).
+  float* red = reinterpret_cast<float*>(dec_smem);
+  constexpr int kRow = D + 2;
+  {
+    float* w0 = red + (warp * 16 + r0) * kRow;
+    float* w1 = red + (warp * 16 + r1) * kRow;
+    if (c == 0) {
+      w0[0] = m0;
+      w0[1] = l0;
+      w1[0] = m1;
+      w1[1] = l1;
+    }
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int d = dt * 8 + 2 * c;
+      w0[2 + d] = o[dt][0];
+      w0[3 + d] = o[dt][1];
+      w1[2 + d] = o[dt][2];
+      w1[3 + d] = o[dt][3];
+    }
+  }
+  __syncthreads();
+  constexpr float kLn2 = 0.6931471805599453f;
+  for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
+    const int row = i / D, d = i - row * D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecMmaWarps; ++w) mx = fmaxf(mx, red[(w * 16 + row) * kRow]);
+    const float mu = mx == -INFINITY ? 0.0f : mx;
+    float l = 0.0f, acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kDecMmaWarps; ++w) {
+      const float* rw = red + (w * 16 + row) * kRow;
+      const float f = exp2f(rw[0] - mu);
+      l += rw[1] * f;
+      acc += rw[2 + d] * f;
+    }
+    const int h = kvh * group + row;
+    if (nsplit == 1) {
+      reinterpret_cast<__nv_bfloat16*>(
+          out)[static_cast<int64_t>(t) * num_heads * D + static_cast<int64_t>(h) * D + d] =
+          __float2bfloat16(l > 0.0f ? acc / l : 0.0f);
+    } else {
+      float* pp =
+          partial + ((static_cast<int64_t>(idx) * num_heads + h) * kMaxSplits + split) * (D + 2);
+      if (d == 0) {
+        pp[0] = mx * kLn2;  // CombineKernel works in natural-log units
+        pp[1] = l;
+      }
+      pp[2 + d] = acc;
+    }
+  }
+}
 }  // namespace
 
 int32_t DecodePartition(int32_t context_len) { return Partition(context_len); }
@@ -372,6 +676,46 @@ cudaError_t PagedAttentionDecode(const bf16_t* q, const bf16_t* k_cache, const b
   return cudaGetLastError();
 }
 
+bool DecodeMmaSupported(int64_t head_dim, int64_t num_heads, int64_t num_kv_heads) {
+  return (head_dim == 64 || head_dim == 128) && num_kv_heads > 0 && num_heads % num_kv_heads == 0 &&
+         num_heads / num_kv_heads <= 16;
+}
+
+cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache,
+                                    const AttnBatch& batch, const int32_t* tokens, int32_t count,
+                                    int32_t max_splits, int64_t num_heads, int64_t num_kv_heads,
+                                    int64_t head_dim, float scale, float* partial, bf16_t* out,
+                                    cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  if (!DecodeMmaSupported(head_dim, num_heads, num_kv_heads)) return cudaErrorInvalidValue;
+  const int splits = max_splits < 1 ? 1 : (max_splits > kMaxSplits ? kMaxSplits : max_splits);
+  const float scale_log2 = scale * 1.4426950408889634f;
+  dim3 grid(count, static_cast<unsigned>(num_kv_heads), splits);
+  if (head_dim == 64) {
+    static const cudaError_t attr =
+        cudaFuncSetAttribute(DecodeMmaKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(DecodeMmaSmemBytes<64>()));
+    if (attr != cudaSuccess) return attr;
+    DecodeMmaKernel<64><<<grid, kDecMmaWarps * 32, DecodeMmaSmemBytes<64>(), stream>>>(
+        q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
+        static_cast<int>(num_kv_heads), scale_log2, partial, out);
+  } else {
+    static const cudaError_t attr =
+        cudaFuncSetAttribute(DecodeMmaKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(DecodeMmaSmemBytes<128>()));
+    if (attr != cudaSuccess) return attr;
+    DecodeMmaKernel<128><<<grid, kDecMmaWarps * 32, DecodeMmaSmemBytes<128>(), stream>>>(
+        q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
+        static_cast<int>(num_kv_heads), scale_log2, partial, out);
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || splits == 1) return err;
+  CombineKernel<<<dim3(count, static_cast<unsigned>(num_heads)), 64, 0, stream>>>(
+      tokens, batch.positions, static_cast<int>(num_heads), static_cast<int>(head_dim), partial,
+      out);
+  return cudaGetLastError();
+}
+
 bool PrefillSupported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 
 cudaError_t PagedAttentionPrefill(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache,
@@ -382,11 +726,19 @@ cudaError_t PagedAttentionPrefill(const bf16_t* q, const bf16_t* k_cache, const 
   const float scale_log2 = scale * 1.4426950408889634f;
   dim3 grid(count, static_cast<unsigned>(num_heads));
   if (head_dim == 64) {
-    PrefillKernel<64><<<grid, kPrefillWarps * 32, 0, stream>>>(
+    static const cudaError_t attr =
+        cudaFuncSetAttribute(PrefillKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(PrefillSmemBytes<64>()));
+    if (attr != cudaSuccess) return attr;
+    PrefillKernel<64><<<grid, kPrefillWarps * 32, PrefillSmemBytes<64>(), stream>>>(
         q, k_cache, v_cache, batch, tiles, static_cast<int>(num_heads),
         static_cast<int>(num_kv_heads), scale_log2, out);
   } else if (head_dim == 128) {
-    PrefillKernel<128><<<grid, kPrefillWarps * 32, 0, stream>>>(
+    static const cudaError_t attr =
+        cudaFuncSetAttribute(PrefillKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(PrefillSmemBytes<128>()));
+    if (attr != cudaSuccess) return attr;
+    PrefillKernel<128><<<grid, kPrefillWarps * 32, PrefillSmemBytes<128>(), stream>>>(
         q, k_cache, v_cache, batch, tiles, static_cast<int>(num_heads),
         static_cast<int>(num_kv_heads), scale_log2, out);
   } else {

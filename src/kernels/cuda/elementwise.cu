@@ -71,6 +71,23 @@ __global__ void SiluMulKernel(const float* gu, int64_t n, int64_t inter, bf16_t*
   }
 }
 
+// Rows on blockIdx.y, 4 columns per thread: 16-byte loads of gate and up, an 8-byte store, no
+// index division (the scalar kernel above ran at half the copy bandwidth on its divisions).
+__global__ void SiluMul4Kernel(const float* gu, int64_t inter, bf16_t* out) {
+  const int64_t r = blockIdx.y;
+  const int64_t j = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  if (j >= inter) return;
+  const float4 g = *reinterpret_cast<const float4*>(gu + r * 2 * inter + j);
+  const float4 u = *reinterpret_cast<const float4*>(gu + r * 2 * inter + inter + j);
+  auto f = [](float a, float b) { return a / (1.0f + expf(-a)) * b; };
+  __nv_bfloat162 lo = __floats2bfloat162_rn(f(g.x, u.x), f(g.y, u.y));
+  __nv_bfloat162 hi = __floats2bfloat162_rn(f(g.z, u.z), f(g.w, u.w));
+  uint2 v;
+  v.x = *reinterpret_cast<uint32_t*>(&lo);
+  v.y = *reinterpret_cast<uint32_t*>(&hi);
+  *reinterpret_cast<uint2*>(out + r * inter + j) = v;
+}
+
 // One block per token, one warp per head (q heads, then k heads, then v heads).
 __global__ void RopeWriteKvKernel(const float* qkv, int64_t num_heads, int64_t num_kv_heads,
                                   int64_t head_dim, const bf16_t* q_norm, const bf16_t* k_norm,
@@ -179,6 +196,13 @@ cudaError_t AddRmsNorm(float* x, const float* y, const int32_t* rows, int64_t n,
 
 cudaError_t SiluMul(const float* gu, int64_t n, int64_t inter, bf16_t* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
+  const bool aligned =
+      ((reinterpret_cast<uintptr_t>(gu) & 15) | (reinterpret_cast<uintptr_t>(out) & 7)) == 0;
+  if (inter % 4 == 0 && n <= 65535 && aligned) {
+    const dim3 grid(static_cast<unsigned>((inter / 4 + 255) / 256), static_cast<unsigned>(n));
+    SiluMul4Kernel<<<grid, 256, 0, stream>>>(gu, inter, out);
+    return cudaGetLastError();
+  }
   SiluMulKernel<<<GridFor(n * inter, 256), 256, 0, stream>>>(gu, n, inter, out);
   return cudaGetLastError();
 }

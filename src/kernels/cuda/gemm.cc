@@ -38,7 +38,9 @@ Status Gemm::Init(size_t workspace_bytes) {
 
 // Row-major y[n, out] = x[n, in] W^T is column-major C[out, n] = op(A)[out, in] * B[in, n] with
 // A = W viewed column-major [in, out] (transposed) and B = x viewed column-major [in, n].
-Result<Gemm::Plan*> Gemm::GetPlan(int64_t n, int64_t in, int64_t out, bool bias, bool y_f32) {
+Result<Gemm::Plan*> Gemm::GetPlan(int64_t n, int64_t in, int64_t out, const void* x, const void* w,
+                                  const void* bias_ptr, void* y, bool y_f32, cudaStream_t stream) {
+  const bool bias = bias_ptr != nullptr;
   auto key = std::make_tuple(n, in, out, bias, y_f32);
   auto it = plans_.find(key);
   if (it != plans_.end()) return &it->second;
@@ -65,23 +67,64 @@ Result<Gemm::Plan*> Gemm::GetPlan(int64_t n, int64_t in, int64_t out, bool bias,
   QILIN_RETURN_IF_ERROR(LtStatus(cublasLtMatmulPreferenceCreate(&pref), "preference"));
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                        &workspace_bytes_, sizeof(workspace_bytes_));
-  cublasLtMatmulHeuristicResult_t result{};
+  cublasLtMatmulHeuristicResult_t results[kTuneCandidates] = {};
   int found = 0;
-  cublasStatus_t s =
-      cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+  cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.c, pref,
+                                                    kTuneCandidates, results, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
     return Internal("cuBLASLt: no algorithm for bf16 GEMM n={} in={} out={} (status {})", n, in,
                     out, static_cast<int>(s));
   }
-  p.algo = result.algo;
+  p.algo = results[0].algo;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (found > 1 && n >= kTuneMinRows && cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
+      capture == cudaStreamCaptureStatusNone) {
+    if (bias) {
+      cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr,
+                                     sizeof(bias_ptr));
+    }
+    cudaEvent_t e0 = nullptr, e1 = nullptr;
+    if (cudaEventCreate(&e0) == cudaSuccess && cudaEventCreate(&e1) == cudaSuccess) {
+      const float alpha = 1.0f, beta = 0.0f;
+      float best = 0.0f;
+      for (int i = 0; i < found; ++i) {
+        auto run = [&] {
+          return cublasLtMatmul(handle_, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c,
+                                &results[i].algo, workspace_, workspace_bytes_, stream);
+        };
+        if (run() != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; skip algorithms that fail
+        cudaEventRecord(e0, stream);
+        bool ok = true;
+        for (int r = 0; r < 3 && ok; ++r) ok = run() == CUBLAS_STATUS_SUCCESS;
+        cudaEventRecord(e1, stream);
+        float ms = 0.0f;
+        if (!ok || cudaEventSynchronize(e1) != cudaSuccess ||
+            cudaEventElapsedTime(&ms, e0, e1) != cudaSuccess) {
+          continue;
+        }
+        if (best == 0.0f || ms < best) {
+          best = ms;
+          p.algo = results[i].algo;
+        }
+      }
+    }
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    cudaGetLastError();
+  }
   return &plans_.emplace(key, p).first->second;
 }
 
 Status Gemm::Linear(const void* x, int64_t n, int64_t in, const void* w, int64_t out,
                     const void* bias, void* y, bool y_f32, cudaStream_t stream) {
   if (n == 0) return Status::Ok();
-  QILIN_ASSIGN_OR_RETURN(Plan * p, GetPlan(n, in, out, bias != nullptr, y_f32));
+  if (n <= gemv_max_rows_ && GemvSupported(n, in, x, w)) {
+    return CudaStatus(Gemv(static_cast<const bf16_t*>(x), n, in, static_cast<const bf16_t*>(w), out,
+                           bias, y, y_f32, stream),
+                      "skinny GEMM");
+  }
+  QILIN_ASSIGN_OR_RETURN(Plan * p, GetPlan(n, in, out, x, w, bias, y, y_f32, stream));
   if (bias) {
     cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias));
   }
@@ -89,6 +132,19 @@ Status Gemm::Linear(const void* x, int64_t n, int64_t in, const void* w, int64_t
   return LtStatus(cublasLtMatmul(handle_, p->desc, &alpha, w, p->a, x, p->b, &beta, y, p->c, y,
                                  p->c, &p->algo, workspace_, workspace_bytes_, stream),
                   "cublasLtMatmul");
+}
+
+Status Gemm::LinearSwiGlu(const void* x, int64_t n, int64_t in, const void* w_gate_up,
+                          int64_t inter, float* gu, void* out, cudaStream_t stream) {
+  if (n == 0) return Status::Ok();
+  if (n <= gemv_max_rows_ && GemvSupported(n, in, x, w_gate_up)) {
+    return CudaStatus(
+        GemvSwiGlu(static_cast<const bf16_t*>(x), n, in, static_cast<const bf16_t*>(w_gate_up),
+                   inter, static_cast<bf16_t*>(out), stream),
+        "skinny gate|up GEMM + SwiGLU");
+  }
+  QILIN_RETURN_IF_ERROR(Linear(x, n, in, w_gate_up, 2 * inter, nullptr, gu, true, stream));
+  return CudaStatus(SiluMul(gu, n, inter, static_cast<bf16_t*>(out), stream), "SiluMul");
 }
 
 }  // namespace qilin::cuda

@@ -71,6 +71,17 @@ cudaError_t PagedAttentionDecode(const bf16_t* q, const bf16_t* k_cache, const b
                                  int64_t head_dim, float scale, float* partial, bf16_t* out,
                                  cudaStream_t stream);
 
+// The same function as PagedAttentionDecode on tensor cores (mma.sync): the query heads of one KV
+// head are the rows of the MMA, K/V tiles of 64 keys stream through cp.async stages. Same
+// `partial` layout and splits; head_dim 64 or 128 and at most 16 heads per KV head
+// (DecodeMmaSupported), else cudaErrorInvalidValue.
+bool DecodeMmaSupported(int64_t head_dim, int64_t num_heads, int64_t num_kv_heads);
+cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache,
+                                    const AttnBatch& batch, const int32_t* tokens, int32_t count,
+                                    int32_t max_splits, int64_t num_heads, int64_t num_kv_heads,
+                                    int64_t head_dim, float scale, float* partial, bf16_t* out,
+                                    cudaStream_t stream);
+
 // Tensor-core (mma.sync bf16) flash attention for prefill and chunked prefill: `tiles` [count]
 // lists (sequence, first query token) pairs as int2, each a tile of up to 64 query tokens of one
 // sequence; keys come from the paged cache (cached prefix and the new tokens, written before).
@@ -81,6 +92,18 @@ cudaError_t PagedAttentionPrefill(const bf16_t* q, const bf16_t* k_cache, const 
                                   const AttnBatch& batch, const int2* tiles, int32_t count,
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                   float scale, bf16_t* out, cudaStream_t stream);
+
+// Skinny GEMM for decode (gemv.cu): y[n, out] = x[n, in] * W[out, in]^T (+ bias[out]) for
+// 1 <= n <= kGemvMaxRows, x and W bf16 and 16-byte aligned, in a multiple of 8; y (and bias) f32 or
+// bf16. Streams W once; f32 accumulation whose order does not depend on n.
+inline constexpr int kGemvMaxRows = 8;
+bool GemvSupported(int64_t n, int64_t in, const void* x, const void* w);
+cudaError_t Gemv(const bf16_t* x, int64_t n, int64_t in, const bf16_t* w, int64_t out,
+                 const void* bias, void* y, bool y_f32, cudaStream_t stream);
+// The fused gate|up projection of SwiGLU: w_gate_up [2 * inter, in] (gate rows, then up rows);
+// out[i, j] = bf16(silu(x_i . gate_j) * (x_i . up_j)).
+cudaError_t GemvSwiGlu(const bf16_t* x, int64_t n, int64_t in, const bf16_t* w_gate_up,
+                       int64_t inter, bf16_t* out, cudaStream_t stream);
 
 // dst[i] = bf16(hash_normal(seed, i) * stdev + mean), i < n: random weights made on the device.
 cudaError_t FillRandomBf16(bf16_t* dst, int64_t n, uint64_t seed, float mean, float stdev,
