@@ -18,6 +18,7 @@
 #include "model/config.h"
 #include "model/weights.h"
 #include "runtime/backend_factory.h"
+#include "runtime/tp_factory.h"
 #include "tokenizer/tokenizer.h"
 
 namespace qilin::cli {
@@ -37,6 +38,7 @@ struct GenerateOptions {
   bool system_given = false;
   int64_t max_tokens = 16;
   std::string device = "auto";
+  int tp = 1;  // tensor parallel ranks
   bool ignore_eos = false;
   // Engine.
   int32_t block_size = 32;
@@ -268,10 +270,10 @@ int RunGenerate(const GenerateOptions& o) {
         (config.dtype == DType::kF16 || config.dtype == DType::kF32) ? config.dtype : DType::kBF16;
     spdlog::info("generate: random weights for {} on {} (seed {})", config.architecture,
                  ResolveDevice(o.device), o.seed);
-    backend = OrThrow(MakeDummyBackend(o.device, config, dtype, o.seed));
+    backend = OrThrow(MakeDummyTpBackend(o.device, config, dtype, o.seed, o.tp));
   } else {
-    backend =
-        OrThrow(MakeBackend(o.device, config, OrThrow(LoadModelWeights(config, o.model_dir))));
+    backend = OrThrow(
+        MakeTpBackend(o.device, config, OrThrow(LoadModelWeights(config, o.model_dir)), o.tp));
   }
 
   EngineConfig ec;
@@ -372,6 +374,9 @@ RegisterCommand reg(
                      "\"top_k\", \"top_p\", \"min_p\", \"seed\", \"n\", \"stop\"} lines");
       sub.add_option("--max-tokens", o->max_tokens, "tokens to generate")->capture_default_str();
       sub.add_option("--device", o->device, "cpu, cuda or auto (cuda where a GPU is present)")
+          ->capture_default_str();
+      sub.add_option("--tp", o->tp,
+                     "tensor parallel ranks (cpu: one thread each, the model sharded over them)")
           ->capture_default_str();
       sub.add_flag("--ignore-eos", o->ignore_eos, "do not stop at eos ids");
       sub.add_option("--block-size", o->block_size, "KV cache block size (tokens)")

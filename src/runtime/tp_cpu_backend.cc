@@ -1,0 +1,469 @@
+#include "runtime/tp_cpu_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <new>
+#include <sstream>
+
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/linear.h"
+#include "kernels/cpu/rope.h"
+#include "kernels/cpu/simd.h"
+#include "runtime/comm_batch.h"
+#include "runtime/cpu_backend.h"
+#include "runtime/validate_batch.h"
+
+namespace qilin {
+
+namespace {
+
+using cpu::WeightRef;
+
+WeightRef Ref(const TensorView& t) { return WeightRef{t.dtype, t.data}; }
+
+// What rank 0 broadcasts to the other ranks for each call.
+enum Op : int64_t { kForward = 1, kAllocateKv = 2, kCopyKv = 3, kShutdown = 4 };
+struct Command {
+  int64_t op = 0;
+  int64_t a = 0;
+  int64_t b = 0;
+  int64_t payload_bytes = 0;
+};
+
+Result<int64_t> MemAvailableBytes() {
+  std::ifstream f("/proc/meminfo");
+  if (!f) return Unavailable("cannot read /proc/meminfo to size the KV cache");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("MemAvailable:", 0) == 0) {
+      std::istringstream is(line.substr(13));
+      int64_t kb = 0;
+      is >> kb;
+      return kb * 1024;
+    }
+  }
+  return Unavailable("/proc/meminfo has no MemAvailable line");
+}
+
+}  // namespace
+
+struct TpCpuBackend::Rank {
+  ShardPlan plan;
+  ModelConfig local;  // the rank's heads, KV heads and MLP width
+  ModelWeights w;
+  std::unique_ptr<Communicator> comm;
+  cpu::RopeFreqs base_freqs;
+
+  int32_t block_size = 0;
+  int64_t num_slots = 0;
+  std::vector<std::vector<float>> k_cache, v_cache;  // per layer [slots, local kv_size]
+
+  // Activations, reused across steps.
+  std::vector<float> x, h, q, k, v, attn, gate, up, partial, rope_cos, rope_sin, logn, rows,
+      local_logits, gathered;
+
+  Status status;  // of the last call, read by rank 0 after the closing barrier
+
+  Status Execute(const ModelConfig& c, const Command& cmd, const std::vector<uint8_t>& payload,
+                 const ForwardBatch* root_batch, std::vector<float>* logits);
+  Status Allocate(const ModelConfig& c, int32_t num_blocks, int32_t block_size);
+  Status CopyBlocks(const ModelConfig& c, const std::vector<uint8_t>& payload);
+  Status Forward(const ModelConfig& c, const ForwardBatch& batch, std::vector<float>* logits);
+  void ComputeRope(const ModelConfig& c, const ForwardBatch& b);
+};
+
+Status TpCpuBackend::Rank::Execute(const ModelConfig& c, const Command& cmd,
+                                   const std::vector<uint8_t>& payload,
+                                   const ForwardBatch* root_batch, std::vector<float>* logits) {
+  switch (cmd.op) {
+    case kAllocateKv:
+      return Allocate(c, static_cast<int32_t>(cmd.a), static_cast<int32_t>(cmd.b));
+    case kCopyKv:
+      return CopyBlocks(c, payload);
+    case kForward: {
+      // Every rank agrees that it has the batch before the first collective of the step.
+      Result<ForwardBatch> decoded = root_batch != nullptr
+                                         ? Result<ForwardBatch>(ForwardBatch{})
+                                         : DecodeForwardBatch(payload.data(), payload.size());
+      float ok = decoded.ok() ? 1.0f : 0.0f;
+      QILIN_RETURN_IF_ERROR(comm->AllReduceSum(&ok, 1));
+      if (!decoded.ok()) return decoded.status();
+      if (ok != static_cast<float>(plan.world_size)) {
+        return Internal("tensor parallel: another rank could not decode the step's batch");
+      }
+      return Forward(c, root_batch != nullptr ? *root_batch : *decoded, logits);
+    }
+    default:
+      return Internal("tensor parallel: unknown command {}", cmd.op);
+  }
+}
+
+Status TpCpuBackend::Rank::Allocate(const ModelConfig& c, int32_t num_blocks, int32_t bs) {
+  const int64_t slots = static_cast<int64_t>(num_blocks) * bs;
+  const int64_t kvs = local.kv_size();
+  k_cache.clear();
+  v_cache.clear();
+  num_slots = 0;
+  block_size = bs;
+  try {
+    k_cache.resize(c.num_layers);
+    v_cache.resize(c.num_layers);
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      k_cache[l].assign(slots * kvs, 0.0f);
+      v_cache[l].assign(slots * kvs, 0.0f);
+    }
+  } catch (const std::bad_alloc&) {
+    k_cache.clear();
+    v_cache.clear();
+    return ResourceExhausted(
+        "KV cache of tensor parallel rank {}: cannot allocate {} blocks of {} tokens ({:.2f} GiB)",
+        plan.rank, num_blocks, bs, 2.0 * c.num_layers * slots * kvs * 4 / 1073741824.0);
+  }
+  num_slots = slots;
+  return Status::Ok();
+}
+
+Status TpCpuBackend::Rank::CopyBlocks(const ModelConfig& c, const std::vector<uint8_t>& payload) {
+  const size_t pairs = payload.size() / (2 * sizeof(int32_t));
+  const int32_t* p = reinterpret_cast<const int32_t*>(payload.data());
+  const int64_t block_floats = static_cast<int64_t>(block_size) * local.kv_size();
+  for (size_t i = 0; i < pairs; ++i) {
+    const int64_t src = p[2 * i], dst = p[2 * i + 1];
+    if (src == dst) continue;
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      for (auto* cache : {&k_cache[l], &v_cache[l]}) {
+        std::copy_n(cache->data() + src * block_floats, block_floats,
+                    cache->data() + dst * block_floats);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+// cos/sin [num_tokens, head_dim / 2] of the batch's positions, as CpuBackend::ComputeRope: Qwen
+// v1's NTK base from each prompt's length, HF dynamic scaling from the sequence length.
+void TpCpuBackend::Rank::ComputeRope(const ModelConfig& c, const ForwardBatch& b) {
+  const int64_t half = c.head_dim / 2;
+  const int64_t n = b.num_tokens();
+  rope_cos.resize(n * half);
+  rope_sin.resize(n * half);
+  const bool dynamic = cpu::RopeDependsOnSeqLen(c);
+  const int64_t dyn_max = c.rope_scaling.original_max_position_embeddings > 0
+                              ? c.rope_scaling.original_max_position_embeddings
+                              : c.max_position_embeddings;
+  std::map<double, cpu::RopeFreqs> by_alpha;
+  for (int32_t s = 0; s < b.num_seqs(); ++s) {
+    const cpu::RopeFreqs* seq_freqs = &base_freqs;
+    if (c.use_dynamic_ntk) {
+      const double alpha = QwenV1NtkAlpha(c, b.prompt_lens[s]);
+      if (alpha != 1.0) {
+        auto it = by_alpha.find(alpha);
+        if (it == by_alpha.end())
+          it = by_alpha.emplace(alpha, cpu::ComputeRopeFreqs(c, 0, alpha)).first;
+        seq_freqs = &it->second;
+      }
+    }
+    for (int32_t t = b.query_start[s]; t < b.query_start[s + 1]; ++t) {
+      const int64_t seq_len = std::max<int64_t>(b.prompt_lens[s], b.positions[t] + 1);
+      if (dynamic && seq_len > dyn_max) {
+        const cpu::RopeFreqs f = cpu::ComputeRopeFreqs(c, seq_len, 1.0);
+        cpu::RopeCosSin(f, b.positions[t], &rope_cos[t * half], &rope_sin[t * half]);
+      } else {
+        cpu::RopeCosSin(*seq_freqs, b.positions[t], &rope_cos[t * half], &rope_sin[t * half]);
+      }
+    }
+  }
+}
+
+// One rank's share of a step. Collectives per step: 1 (embedding) + 2 per layer + 1 gather.
+Status TpCpuBackend::Rank::Forward(const ModelConfig& c, const ForwardBatch& batch,
+                                   std::vector<float>* logits) {
+  const int64_t n = batch.num_tokens();
+  const int64_t m = static_cast<int64_t>(batch.logits_indices.size());
+  const int64_t H = c.hidden_size, hd = c.head_dim, half = hd / 2;
+  const int64_t nq = plan.num_heads, nkv = plan.num_kv_heads;
+  const int64_t qs = nq * hd, kvs = nkv * hd, I = plan.intermediate_size;
+  const int64_t vpr = plan.vocab_per_rank, vrows = plan.vocab_rows();
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  x.resize(n * H);
+  h.resize(n * H);
+  partial.resize(n * H);
+  q.resize(n * qs);
+  k.resize(n * kvs);
+  v.resize(n * kvs);
+  attn.resize(n * qs);
+  gate.resize(n * I);
+  up.resize(n * I);
+  rows.resize(m * H);
+  local_logits.resize(m * vpr);
+  gathered.resize(plan.world_size * m * vpr);
+
+  // Vocab-parallel embedding: the rank owning a token's row writes it, the others zeros.
+  for (int64_t t = 0; t < n; ++t) {
+    const int32_t id = batch.token_ids[t];
+    if (id >= plan.vocab_begin && id < plan.vocab_end) {
+      const int32_t local_id = static_cast<int32_t>(id - plan.vocab_begin);
+      cpu::EmbeddingGather(Ref(w.embed_tokens), H, &local_id, 1, &x[t * H]);
+    } else {
+      std::fill_n(&x[t * H], H, 0.0f);
+    }
+  }
+  QILIN_RETURN_IF_ERROR(comm->AllReduceSum(x.data(), n * H));
+
+  ComputeRope(c, batch);
+  logn.assign(c.use_logn_attn ? n : 0, 1.0f);
+  for (int64_t t = 0; t < static_cast<int64_t>(logn.size()); ++t)
+    logn[t] = static_cast<float>(QwenV1LognScale(c, batch.positions[t]));
+  cpu::PagedAttentionBatch pab;
+  pab.num_seqs = batch.num_seqs();
+  pab.query_start = batch.query_start.data();
+  pab.positions = batch.positions.data();
+  pab.block_tables = batch.block_tables.data();
+  pab.max_blocks_per_seq = batch.max_blocks_per_seq;
+  pab.block_size = block_size;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+  auto linear = [&](const float* in_rows, int64_t in, const TensorView& wt, int64_t out,
+                    const TensorView& bias, float* y) {
+    cpu::LinearSlice({in_rows, in, n, in, Ref(wt), in, 0, 0, out, Ref(bias), y, out});
+  };
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& lw = w.layers[l];
+    cpu::RmsNormSerial(x.data(), n, H, Ref(lw.input_norm), eps, h.data());
+    linear(h.data(), H, lw.q_proj, qs, lw.q_bias, q.data());
+    linear(h.data(), H, lw.k_proj, kvs, lw.k_bias, k.data());
+    linear(h.data(), H, lw.v_proj, kvs, lw.v_bias, v.data());
+    for (int64_t t = 0; t < n; ++t) {
+      float* qt = &q[t * qs];
+      float* kt = &k[t * kvs];
+      if (c.qk_norm) {
+        cpu::RmsNormSerial(qt, nq, hd, Ref(lw.q_norm), eps, qt);
+        cpu::RmsNormSerial(kt, nkv, hd, Ref(lw.k_norm), eps, kt);
+      }
+      cpu::ApplyRope(qt, nq, hd, &rope_cos[t * half], &rope_sin[t * half]);
+      cpu::ApplyRope(kt, nkv, hd, &rope_cos[t * half], &rope_sin[t * half]);
+      if (!logn.empty() && logn[t] != 1.0f) {
+        for (int64_t i = 0; i < qs; ++i) qt[i] *= logn[t];
+      }
+    }
+    cpu::WriteKvCache(k.data(), v.data(), n, kvs, batch.slot_mapping.data(), k_cache[l].data(),
+                      v_cache[l].data());
+    cpu::PagedAttentionHeads(q.data(), k_cache[l].data(), v_cache[l].data(), pab, nq, nkv, hd,
+                             scale, 0, nq, attn.data());
+    // o_proj over this rank's heads: a partial sum of the full output.
+    linear(attn.data(), qs, lw.o_proj, H, TensorView{}, partial.data());
+    QILIN_RETURN_IF_ERROR(comm->AllReduceSum(partial.data(), n * H));
+    cpu::AddInPlace(x.data(), partial.data(), n * H);
+    if (!lw.o_bias.empty()) {
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t j = 0; j < H; ++j)
+          x[t * H + j] += cpu::LoadScalar(lw.o_bias.dtype, lw.o_bias.data, j);
+    }
+
+    cpu::RmsNormSerial(x.data(), n, H, Ref(lw.post_attention_norm), eps, h.data());
+    linear(h.data(), H, lw.gate_proj, I, TensorView{}, gate.data());
+    linear(h.data(), H, lw.up_proj, I, TensorView{}, up.data());
+    cpu::SiluMulSerial(gate.data(), up.data(), n * I, gate.data());
+    linear(gate.data(), I, lw.down_proj, H, TensorView{}, partial.data());
+    QILIN_RETURN_IF_ERROR(comm->AllReduceSum(partial.data(), n * H));
+    cpu::AddInPlace(x.data(), partial.data(), n * H);
+  }
+
+  // Final norm on the sampled rows; this rank's vocabulary columns; padding columns -inf.
+  for (int64_t i = 0; i < m; ++i) {
+    std::copy_n(&x[static_cast<int64_t>(batch.logits_indices[i]) * H], H, &rows[i * H]);
+  }
+  cpu::RmsNormSerial(rows.data(), m, H, Ref(w.final_norm), eps, rows.data());
+  if (vrows > 0 && m > 0) {
+    cpu::LinearSlice(
+        {rows.data(), H, m, H, Ref(w.lm_head), H, 0, 0, vrows, {}, local_logits.data(), vpr});
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    std::fill(local_logits.data() + i * vpr + vrows, local_logits.data() + (i + 1) * vpr,
+              -std::numeric_limits<float>::infinity());
+  }
+  QILIN_RETURN_IF_ERROR(comm->AllGather(local_logits.data(), m * vpr, gathered.data()));
+  if (logits != nullptr) {
+    const int64_t V = c.vocab_size;
+    logits->resize(m * V);
+    for (int64_t r = 0; r < plan.world_size; ++r) {
+      const int64_t v0 = r * vpr, v1 = std::min(V, v0 + vpr);
+      for (int64_t i = 0; i < m && v1 > v0; ++i) {
+        std::copy_n(&gathered[(r * m + i) * vpr], v1 - v0, &(*logits)[i * V + v0]);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+TpCpuBackend::TpCpuBackend(const ModelConfig& config, std::vector<std::unique_ptr<Rank>> ranks)
+    : config_(config), ranks_(std::move(ranks)) {}
+
+Result<std::unique_ptr<TpCpuBackend>> TpCpuBackend::Create(const ModelConfig& config,
+                                                           const ModelWeights& weights, int tp) {
+  QILIN_RETURN_IF_ERROR(CheckShardable(config, tp));
+  // The unsharded CPU backend's checks of the config and of every tensor (views only).
+  QILIN_RETURN_IF_ERROR(CpuBackend::Create(config, weights).status());
+  QILIN_ASSIGN_OR_RETURN(std::shared_ptr<InProcessCommGroup> group, InProcessCommGroup::Create(tp));
+  std::vector<std::unique_ptr<Rank>> ranks;
+  for (int r = 0; r < tp; ++r) {
+    auto rank = std::make_unique<Rank>();
+    QILIN_ASSIGN_OR_RETURN(rank->plan, MakeShardPlan(config, tp, r));
+    rank->local = ShardedLayerConfig(config, rank->plan);
+    QILIN_ASSIGN_OR_RETURN(rank->w, ShardWeights(weights, config, rank->plan));
+    QILIN_ASSIGN_OR_RETURN(rank->comm, group->Rank(r));
+    rank->base_freqs = cpu::ComputeRopeFreqs(config, 0, 1.0);
+    ranks.push_back(std::move(rank));
+  }
+  std::unique_ptr<TpCpuBackend> b(new TpCpuBackend(config, std::move(ranks)));
+  b->group_ = group;
+  // Ranks 1..N-1 follow rank 0's broadcasts until kShutdown or an abort.
+  for (int r = 1; r < tp; ++r) {
+    b->threads_.emplace_back([rank = b->ranks_[r].get(), &config = b->config_] {
+      while (true) {
+        Command cmd;
+        if (!rank->comm->Broadcast(&cmd, sizeof(cmd), 0).ok()) return;
+        std::vector<uint8_t> payload;
+        try {
+          payload.resize(cmd.payload_bytes);
+        } catch (const std::bad_alloc&) {
+          rank->comm->Abort("cannot allocate a command's payload");
+          return;
+        }
+        if (cmd.payload_bytes > 0 &&
+            !rank->comm->Broadcast(payload.data(), cmd.payload_bytes, 0).ok())
+          return;
+        if (cmd.op == kShutdown) return;
+        try {
+          rank->status = rank->Execute(config, cmd, payload, nullptr, nullptr);
+        } catch (const std::bad_alloc&) {
+          rank->comm->Abort("out of memory in a step");
+          return;
+        }
+        if (!rank->comm->Barrier().ok()) return;
+      }
+    });
+  }
+  return b;
+}
+
+Result<std::unique_ptr<TpCpuBackend>> TpCpuBackend::Load(const ModelConfig& config,
+                                                         const std::filesystem::path& model_dir,
+                                                         int tp) {
+  QILIN_RETURN_IF_ERROR(CheckShardable(config, tp));
+  // Maps the files and checks the headers; each rank's shard then reads only its slices.
+  QILIN_ASSIGN_OR_RETURN(ModelWeights full, LoadModelWeights(config, model_dir));
+  return Create(config, full, tp);
+}
+
+TpCpuBackend::~TpCpuBackend() {
+  (void)RunOnAllRanks(kShutdown, 0, 0, {}, nullptr, nullptr);
+  for (std::thread& t : threads_) t.join();
+}
+
+const ShardPlan& TpCpuBackend::plan(int rank) const { return ranks_.at(rank)->plan; }
+const ModelWeights& TpCpuBackend::shard(int rank) const { return ranks_.at(rank)->w; }
+
+Status TpCpuBackend::RunOnAllRanks(int64_t op, int64_t a, int64_t b, std::vector<uint8_t> payload,
+                                   const ForwardBatch* batch, std::vector<float>* logits) {
+  Rank& r0 = *ranks_[0];
+  Command cmd{op, a, b, static_cast<int64_t>(payload.size())};
+  QILIN_RETURN_IF_ERROR(r0.comm->Broadcast(&cmd, sizeof(cmd), 0));
+  if (cmd.payload_bytes > 0) {
+    QILIN_RETURN_IF_ERROR(r0.comm->Broadcast(payload.data(), cmd.payload_bytes, 0));
+  }
+  if (op == kShutdown) return Status::Ok();
+  try {
+    r0.status = r0.Execute(config_, cmd, payload, batch, logits);
+  } catch (const std::bad_alloc&) {
+    r0.comm->Abort("out of memory in a step");
+    return ResourceExhausted("tensor parallel rank 0: out of memory in a step");
+  }
+  QILIN_RETURN_IF_ERROR(r0.comm->Barrier());
+  for (const auto& r : ranks_) {
+    if (!r->status.ok()) {
+      return r->status.WithContext(fmt::format("tensor parallel rank {}", r->plan.rank));
+    }
+  }
+  return Status::Ok();
+}
+
+int64_t TpCpuBackend::KvBytesPerToken() const {
+  int64_t total = 0;
+  for (const auto& r : ranks_) total += config_.num_layers * 2 * r->local.kv_size() * 4;
+  return total;
+}
+
+Result<int32_t> TpCpuBackend::ProposeNumKvBlocks(int32_t block_size, double memory_fraction,
+                                                 int32_t max_num_tokens) const {
+  if (block_size <= 0) return InvalidArgument("block_size = {} must be positive", block_size);
+  if (!(memory_fraction > 0.0 && memory_fraction <= 1.0)) {
+    return InvalidArgument("memory fraction = {} must be in (0, 1]", memory_fraction);
+  }
+  if (max_num_tokens <= 0) {
+    return InvalidArgument("max_num_tokens = {} must be positive", max_num_tokens);
+  }
+  QILIN_ASSIGN_OR_RETURN(int64_t avail, MemAvailableBytes());
+  // Activations of one step on every rank: x, h, partial, q, k, v, attn, gate, up per token, the
+  // rank's logits and the gathered ones per row.
+  int64_t per_token = 0;
+  for (const auto& r : ranks_) {
+    const ModelConfig& l = r->local;
+    per_token += 4 * config_.hidden_size + 2 * l.q_size() + 2 * l.kv_size() +
+                 2 * l.intermediate_size + (tp() + 1) * r->plan.vocab_per_rank;
+  }
+  const int64_t activations = static_cast<int64_t>(max_num_tokens) * per_token * 4;
+  const double budget = static_cast<double>(avail) * memory_fraction - activations;
+  const double block_bytes = static_cast<double>(KvBytesPerToken()) * block_size;
+  const double blocks = std::floor(budget / block_bytes);
+  if (blocks < 1) {
+    return ResourceExhausted(
+        "KV cache: {} of {:.2f} GiB available host memory leaves no room for one block of {} "
+        "tokens ({:.1f} MiB over {} ranks) after {:.2f} GiB of activations",
+        memory_fraction, avail / 1073741824.0, block_size, block_bytes / 1048576.0, tp(),
+        activations / 1073741824.0);
+  }
+  return static_cast<int32_t>(std::min<double>(blocks, INT32_MAX));
+}
+
+Status TpCpuBackend::AllocateKvCache(const KvCacheLayout& layout) {
+  if (layout.block_size <= 0 || layout.num_blocks <= 0) {
+    return InvalidArgument("KV cache layout: num_blocks = {} and block_size = {} must be positive",
+                           layout.num_blocks, layout.block_size);
+  }
+  layout_ = KvCacheLayout{0, layout.block_size};
+  QILIN_RETURN_IF_ERROR(
+      RunOnAllRanks(kAllocateKv, layout.num_blocks, layout.block_size, {}, nullptr, nullptr));
+  layout_ = layout;
+  return Status::Ok();
+}
+
+Status TpCpuBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
+  std::vector<uint8_t> payload(src_dst.size() * 2 * sizeof(int32_t));
+  int32_t* p = reinterpret_cast<int32_t*>(payload.data());
+  for (size_t i = 0; i < src_dst.size(); ++i) {
+    const auto [src, dst] = src_dst[i];
+    for (int32_t blk : {src, dst}) {
+      if (blk < 0 || blk >= layout_.num_blocks) {
+        return InvalidArgument("CopyKvBlocks: block {} is outside the pool of {} blocks", blk,
+                               layout_.num_blocks);
+      }
+    }
+    p[2 * i] = src;
+    p[2 * i + 1] = dst;
+  }
+  if (src_dst.empty()) return Status::Ok();
+  return RunOnAllRanks(kCopyKv, 0, 0, std::move(payload), nullptr, nullptr);
+}
+
+Status TpCpuBackend::Forward(const ForwardBatch& batch, std::vector<float>* logits) {
+  QILIN_RETURN_IF_ERROR(ValidateForwardBatch(batch, config_, layout_));
+  if (tp() == 1) return RunOnAllRanks(kForward, 0, 0, {}, &batch, logits);
+  return RunOnAllRanks(kForward, 0, 0, EncodeForwardBatch(batch), &batch, logits);
+}
+
+}  // namespace qilin

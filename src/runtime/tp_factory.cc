@@ -1,0 +1,47 @@
+#include "runtime/tp_factory.h"
+
+#include "model/shard.h"
+#include "runtime/backend_factory.h"
+#include "runtime/tp_cpu_backend.h"
+
+namespace qilin {
+namespace {
+
+Status CheckTpDevice(const std::string& device, const ModelConfig& config, int tp) {
+  QILIN_RETURN_IF_ERROR(CheckShardable(config, tp));
+  if (device == "cuda") {
+    return Unimplemented(
+        "--tp {} on device 'cuda': tensor parallelism over GPUs (one NCCL rank per GPU) is not "
+        "wired into the backends yet; use --device cpu or --tp 1 (see docs/tensor-parallel.md)",
+        tp);
+  }
+  if (device != "cpu") {
+    return InvalidArgument("unknown device '{}' (expected 'cpu', 'cuda' or 'auto')", device);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Backend>> MakeTpBackend(const std::string& device_name,
+                                               const ModelConfig& config, ModelWeights weights,
+                                               int tp) {
+  if (tp == 1) return MakeBackend(device_name, config, std::move(weights));
+  const std::string device = ResolveDevice(device_name);
+  QILIN_RETURN_IF_ERROR(CheckTpDevice(device, config, tp));
+  QILIN_ASSIGN_OR_RETURN(std::unique_ptr<TpCpuBackend> b,
+                         TpCpuBackend::Create(config, weights, tp));
+  return std::unique_ptr<Backend>(std::move(b));
+}
+
+Result<std::unique_ptr<Backend>> MakeDummyTpBackend(const std::string& device_name,
+                                                    const ModelConfig& config, DType dtype,
+                                                    uint64_t seed, int tp) {
+  if (tp == 1) return MakeDummyBackend(device_name, config, dtype, seed);
+  const std::string device = ResolveDevice(device_name);
+  QILIN_RETURN_IF_ERROR(CheckTpDevice(device, config, tp));
+  QILIN_ASSIGN_OR_RETURN(ModelWeights weights, MakeDummyWeights(config, dtype, seed));
+  return MakeTpBackend(device, config, std::move(weights), tp);
+}
+
+}  // namespace qilin

@@ -1,0 +1,25 @@
+// Backends with tensor parallelism: `--tp N` on top of backend_factory.h.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "model/config.h"
+#include "model/weights.h"
+#include "runtime/backend.h"
+
+namespace qilin {
+
+// tp == 1: MakeBackend. tp > 1 on "cpu": TpCpuBackend (N ranks as threads, in-process
+// collectives). tp > 1 on "cuda": Unimplemented until the NCCL ranks exist
+// (docs/tensor-parallel.md). CheckShardable's InvalidArgument when the model's shapes do not divide
+// by tp.
+Result<std::unique_ptr<Backend>> MakeTpBackend(const std::string& device, const ModelConfig& config,
+                                               ModelWeights weights, int tp);
+
+// The same with random weights (--dummy-weights), as MakeDummyBackend.
+Result<std::unique_ptr<Backend>> MakeDummyTpBackend(const std::string& device,
+                                                    const ModelConfig& config, DType dtype,
+                                                    uint64_t seed, int tp);
+
+}  // namespace qilin

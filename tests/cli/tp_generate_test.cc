@@ -1,0 +1,67 @@
+// `qilin generate --tp N --device cpu` on the demo model (4 query heads, 2 KV heads, tied
+// embeddings, a 151936-token vocabulary): greedy output with --tp 2 and --tp 4 (KV heads
+// replicated) equals --tp 1, the unsharded CPU backend; a size that does not divide the heads is
+// a one-line error naming the key, its value and the size.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <string>
+
+namespace qilin {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct RunResult {
+  int status;
+  std::string out;
+};
+
+RunResult RunTp(const std::string& args, bool errors = false) {
+  std::string cmd = std::string(QILIN_BINARY_DIR) + "/qilin generate --model " + QILIN_SOURCE_DIR +
+                    "/models/demo --device cpu " + args +
+                    (errors ? " 2>&1 >/dev/null" : " 2>/dev/null");
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  return {pclose(p), out};
+}
+
+class TpGenerateTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!fs::exists(std::string(QILIN_BINARY_DIR) + "/qilin")) {
+      GTEST_SKIP() << "the qilin binary is not built (build the `qilin` target)";
+    }
+  }
+};
+
+TEST_F(TpGenerateTest, GreedyOutputWithTp2AndTp4EqualsTp1) {
+  const std::string prompt =
+      "--prompt-ids 785,3974,13876,38835,34208,916,279,15678,5562,13 "
+      "--max-tokens 24 --ignore-eos";
+  const RunResult one = RunTp(prompt + " --tp 1");
+  ASSERT_EQ(one.status, 0) << one.out;
+  ASSERT_NE(one.out.find("\"token_ids\""), std::string::npos) << one.out;
+  for (int tp : {2, 4}) {
+    const RunResult r = RunTp(prompt + " --tp " + std::to_string(tp));
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_EQ(r.out, one.out) << "--tp " << tp;
+  }
+}
+
+TEST_F(TpGenerateTest, ASizeThatDoesNotDivideIsAClearError) {
+  const RunResult r = RunTp("--prompt-ids 1,2,3 --tp 3", /*errors=*/true);
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.out.find("num_attention_heads = 4"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("size 3"), std::string::npos) << r.out;
+  const RunResult zero = RunTp("--prompt-ids 1,2,3 --tp 0", /*errors=*/true);
+  EXPECT_NE(zero.status, 0);
+  EXPECT_NE(zero.out.find("tensor parallel size = 0"), std::string::npos) << zero.out;
+}
+
+}  // namespace
+}  // namespace qilin
