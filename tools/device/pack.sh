@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs what tools/device/run-gpu-checks.sh needs on the GPU machine into <dest>/.dev/gpu (ignored
 # by git; pass carry [".dev/gpu"] to the device tool): the CUDA test binary, the benchmark, the
-# qilin binary, the shared libraries the device image lacks (fmt, spdlog, utf8proc, gomp), the
+# qilin binary, the shared libraries the device image lacks (Debian's, not glibc or CUDA's), the
 # golden fixtures, the configs and the check script itself. Builds nothing: run
 # `ninja -C build/release qilin_cuda_tests qilin_bench_cuda_decode qilin` first.
 # Usage: tools/device/pack.sh [dest repo root, default /work/main]
@@ -14,17 +14,27 @@ mkdir -p "$DEST/lib" "$DEST/fixtures"
 cp $B/tests/qilin_cuda_tests $B/qilin_bench_cuda_decode $B/qilin $B/qilin_bench_tokenizer "$DEST/"
 for bin in "$DEST"/qilin "$DEST"/qilin_cuda_tests "$DEST"/qilin_bench_cuda_decode \
   "$DEST"/qilin_bench_tokenizer; do
-  ldd "$bin" | awk '/=> \// {print $3}' |
-    grep -E 'libfmt|libspdlog|libutf8proc|libgomp|libgtest|libbenchmark' | xargs -r -I{} cp -L {} "$DEST/lib/"
+  # Every Debian library the binaries link (fmt, spdlog, utf8proc, gomp, gRPC, protobuf, abseil,
+  # ...) except glibc, libstdc++ and the CUDA libraries the device image has.
+  ldd "$bin" | awk '/=> \// {print $3}' | grep -v '^/usr/local/cuda' |
+    grep -v -E '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+|ld-linux[^/]*|libnccl)\.so' |
+    xargs -r -I{} cp -L {} "$DEST/lib/"
 done
 cp -r tests/fixtures/golden "$DEST/fixtures/golden"
 cp -r configs "$DEST/configs"
-# The tokenizer benchmark side by side with HF tokenizers and tiktoken (python3 there).
-mkdir -p "$DEST/tokenizer"
-cp models/demo/tokenizer.json models/demo/tokenizer_config.json ../shared/data/tokenizer/qwen.tiktoken \
-  "$DEST/tokenizer/"
-cp tools/tokenizer/bench_reference.py "$DEST/"
-python3 -c "import sys; sys.path.insert(0, 'tools/tokenizer'); import bench_reference as b; \
-open('$DEST/tok_corpus.txt', 'w', encoding='utf-8').write(b.build_corpus('../shared/data/tokenizer'))"
+# The tokenizer benchmark side by side with HF tokenizers and tiktoken (python3 there); 13 MB, so
+# QILIN_SKIP_TOKENIZER=1 leaves it out (as it does in run-gpu-checks.sh).
+if [ -z "${QILIN_SKIP_TOKENIZER:-}" ]; then
+  mkdir -p "$DEST/tokenizer"
+  cp models/demo/tokenizer.json models/demo/tokenizer_config.json ../shared/data/tokenizer/qwen.tiktoken \
+    "$DEST/tokenizer/"
+  cp tools/tokenizer/bench_reference.py "$DEST/"
+  python3 -c "import sys; sys.path.insert(0, 'tools/tokenizer'); import bench_reference as b; \
+  open('$DEST/tok_corpus.txt', 'w', encoding='utf-8').write(b.build_corpus('../shared/data/tokenizer'))"
+else
+  rm -f "$DEST/qilin_bench_tokenizer"
+fi
 cp tools/device/run-gpu-checks.sh tools/device/torch_baseline.py "$DEST/" 2>/dev/null || cp tools/device/run-gpu-checks.sh "$DEST/"
+# Debug info stays here: the working tree plus this must fit the device tool's 64 MiB.
+strip --strip-unneeded "$DEST"/qilin* "$DEST"/lib/*.so* 2>/dev/null || true
 du -sh "$DEST"

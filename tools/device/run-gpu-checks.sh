@@ -9,6 +9,16 @@ OUT="${OUT:-/tmp/qilin-gpu-out}"
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH="$G/lib:${LD_LIBRARY_PATH:-}"
 export QILIN_FIXTURES_DIR="$G/fixtures"
+# NCCL (tensor parallelism) comes with the CUDA toolkit here; where the image lacks it, take the one
+# PyTorch ships in its nvidia-nccl wheel.
+if ldd "$G/qilin_cuda_tests" | grep -q "libnccl.*not found"; then
+  NCCL_LIB="$(python3 -c 'import glob, site; print(next(iter(sorted(g for p in site.getsitepackages() for g in glob.glob(p + "/nvidia/**/libnccl.so.2", recursive=True))), ""))' 2>/dev/null)"
+  [ -n "$NCCL_LIB" ] && export LD_LIBRARY_PATH="$(dirname "$NCCL_LIB"):$LD_LIBRARY_PATH"
+  echo "libnccl from $NCCL_LIB"
+fi
+# QILIN_GPU_PART=checks runs the tests and sanitizers only, =bench the benchmarks only (each fits
+# one 10-minute device call); the default runs both.
+PART="${QILIN_GPU_PART:-all}"
 SAN="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 declare -A RES
 nvidia-smi -L | tee "$OUT/device.txt"
@@ -21,6 +31,7 @@ run() {  # name, timeout seconds, command...
   RES[$name]="rc=$rc $(( $(date +%s) - start ))s"
   echo "== $name: rc=$rc"; tail -n 25 "$OUT/$name.log"
 }
+if [ "$PART" != bench ]; then
 run tests 240 "$G/qilin_cuda_tests"
 if [ -n "$SAN" ]; then
   run memcheck 200 "$SAN" --tool memcheck --error-exitcode 9 "$G/qilin_cuda_tests" \
@@ -57,18 +68,21 @@ same = sum(x == y for x, y in zip(a, b))
 print(f"{same}/{len(a)} requests identical batched vs alone (of {len(b)})")
 PY
 )"
+fi
+if [ "$PART" != checks ]; then
 if [ -x "$G/qilin_bench_tokenizer" ] && [ -z "${QILIN_SKIP_TOKENIZER:-}" ]; then
   run tok_qilin 200 "$G/qilin_bench_tokenizer" --tokenizer "$G/tokenizer" --corpus "$G/tok_corpus.txt"
   run tok_reference 300 python3 "$G/bench_reference.py" --data "$G/tokenizer" --corpus "$G/tok_corpus.txt"
 fi
 run bench 300 "$G/qilin_bench_cuda_decode" --model "$G/configs/qwen2.5-7b"
 if [ -f "$G/torch_baseline.py" ]; then run torch 200 python3 "$G/torch_baseline.py" "$G/configs/qwen2.5-7b"; fi
+fi
 echo; echo "== summary"
-grep -h -E "^\[  (PASSED|FAILED)|FAILED  \]|tests? ran" "$OUT/tests.log" | tail -n 20
+grep -h -E "^\[  (PASSED|FAILED)|FAILED  \]|tests? ran" "$OUT/tests.log" 2>/dev/null | tail -n 20
 grep -h -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log 2>/dev/null
-grep -h "cuda golden" "$OUT/tests.log"
+grep -h "cuda golden" "$OUT/tests.log" 2>/dev/null
 for k in "${!RES[@]}"; do printf '%-10s %s\n' "$k" "${RES[$k]}"; done
-tail -n 2 "$OUT/generate.log"
-sed -n '/== qilin CUDA backend/,$p' "$OUT/bench.log"
+tail -n 2 "$OUT/generate.log" 2>/dev/null
+sed -n '/== qilin CUDA backend/,$p' "$OUT/bench.log" 2>/dev/null
 tail -n 8 "$OUT/torch.log" 2>/dev/null
 echo "== tokenizer"; tail -n 12 "$OUT/tok_qilin.log" 2>/dev/null; tail -n 12 "$OUT/tok_reference.log" 2>/dev/null
