@@ -54,6 +54,8 @@ struct ServeOptions {
   int64_t header_timeout_ms = 10000;
   int64_t shutdown_grace_ms = 10000;
   bool no_access_log = false;
+  bool dummy_weights = false;
+  std::string tokenizer_dir;
 };
 
 // The demo model: $QILIN_DEMO_MODEL, else models/demo beside the executable's tree
@@ -154,6 +156,9 @@ int RunServe(ServeOptions o) {
     throw Error(NotFound("MODEL_DIR '{}' is not a directory", o.model_dir));
   }
   CheckPortFree(o.host, o.grpc_port, "--grpc-port");
+  if (!o.tokenizer_dir.empty() && !fs::is_directory(o.tokenizer_dir)) {
+    throw Error(NotFound("--tokenizer '{}' is not a directory", o.tokenizer_dir));
+  }
   // The serve argument: a Triton model repository (folders with config.pbtxt) or a checkpoint
   // folder (config.json). A repository's tensorrt_llm parameters configure the engine.
   server::ModelRepository repo;
@@ -165,6 +170,10 @@ int RunServe(ServeOptions o) {
     spdlog::info("serve: Triton model repository {} ({} models) serving {}", repo.dir,
                  repo.models.size(), repo.settings.model_dir);
     o.model_dir = repo.settings.model_dir;
+    // The preprocessing model's tokenizer_dir, unless --tokenizer says otherwise.
+    if (o.tokenizer_dir.empty() && repo.settings.tokenizer_dir != o.model_dir) {
+      o.tokenizer_dir = repo.settings.tokenizer_dir;
+    }
     if (!fs::exists(fs::path(o.model_dir) / "config.json")) {
       throw Error(
           NotFound("gpt_model_path '{}' of the repository has no config.json", o.model_dir));
@@ -222,6 +231,8 @@ int RunServe(ServeOptions o) {
   po.device = o.device;
   po.served_model_name = o.served_model_name;
   po.max_model_len = o.max_model_len;
+  po.dummy_weights = o.dummy_weights;
+  po.tokenizer_dir = o.tokenizer_dir;
   po.engine.max_batch_size = o.max_batch_size;
   po.engine.max_num_tokens = o.max_num_tokens;
   po.engine.kv_cache_tokens = o.kv_cache_tokens;
@@ -385,6 +396,11 @@ RegisterCommand reg(
       sub.add_option("--device", o->device, "cpu, cuda, or auto (cuda where a GPU is present)")
           ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
           ->capture_default_str();
+      sub.add_flag("--dummy-weights", o->dummy_weights,
+                   "random weights from config.json only (speed tests without a checkpoint)");
+      sub.add_option(
+          "--tokenizer", o->tokenizer_dir,
+          "tokenizer folder (default: the model folder, or the repository's tokenizer_dir)");
       sub.add_option("--served-model-name", o->served_model_name,
                      "model id in the API (default: the folder's name)");
       sub.add_option("--api-key", o->api_key,

@@ -141,26 +141,29 @@ Result<std::unique_ptr<ModelPipeline>> ModelPipeline::Create(const std::string& 
                            options.max_model_len);
   }
   if (options.max_model_len > 0) p->config_.max_model_len = options.max_model_len;
-  QILIN_ASSIGN_OR_RETURN(p->tokenizer_, tokenizer::Tokenizer::Load(model_dir));
+  QILIN_ASSIGN_OR_RETURN(p->tokenizer_, tokenizer::Tokenizer::Load(options.tokenizer_dir.empty()
+                                                                       ? model_dir
+                                                                       : options.tokenizer_dir));
 
-  ModelWeights weights;
   if (options.dummy_weights) {
-    QILIN_ASSIGN_OR_RETURN(weights, MakeDummyWeights(p->config_, DType::kBF16, 0));
+    // Random weights made where they run: on the GPU no host copy of 15 GB is ever built.
+    const std::string device = ResolveDevice(options.device);
+    QILIN_ASSIGN_OR_RETURN(p->backend_, MakeDummyBackend(device, p->config_, DType::kBF16, 0));
   } else {
-    QILIN_ASSIGN_OR_RETURN(weights, LoadModelWeights(p->config_, model_dir));
-  }
-  if (options.device == "auto") {
-    // A GPU when this build and machine have one, else the CPU.
-    Result<std::unique_ptr<Backend>> cuda = MakeBackend("cuda", p->config_, weights);
-    if (cuda.ok()) {
-      p->backend_ = std::move(cuda).value();
+    QILIN_ASSIGN_OR_RETURN(ModelWeights weights, LoadModelWeights(p->config_, model_dir));
+    if (options.device == "auto") {
+      // A GPU when this build and machine have one, else the CPU.
+      Result<std::unique_ptr<Backend>> cuda = MakeBackend("cuda", p->config_, weights);
+      if (cuda.ok()) {
+        p->backend_ = std::move(cuda).value();
+      } else {
+        spdlog::info("device auto: no CUDA backend ({}); using the CPU", cuda.status().message());
+        QILIN_ASSIGN_OR_RETURN(p->backend_, MakeBackend("cpu", p->config_, std::move(weights)));
+      }
     } else {
-      spdlog::info("device auto: no CUDA backend ({}); using the CPU", cuda.status().message());
-      QILIN_ASSIGN_OR_RETURN(p->backend_, MakeBackend("cpu", p->config_, std::move(weights)));
+      QILIN_ASSIGN_OR_RETURN(p->backend_,
+                             MakeBackend(options.device, p->config_, std::move(weights)));
     }
-  } else {
-    QILIN_ASSIGN_OR_RETURN(p->backend_,
-                           MakeBackend(options.device, p->config_, std::move(weights)));
   }
 
   // eos: the union of generation_config.json's (the tokenizer's defaults) and config.json's.

@@ -4,6 +4,7 @@
 #include "pipeline/pipeline.h"
 
 #include <chrono>
+#include <filesystem>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -45,8 +46,7 @@ class PipelineTest : public ::testing::Test {
     o.finish.resize(g.n());
     while (auto d = g.Next()) {
       o.text[d->index] += d->text;
-      o.tokens[d->index].insert(o.tokens[d->index].end(), d->token_ids.begin(),
-                                d->token_ids.end());
+      o.tokens[d->index].insert(o.tokens[d->index].end(), d->token_ids.begin(), d->token_ids.end());
       if (d->finished()) o.finish[d->index] = d->finish_reason;
     }
     return o;
@@ -169,8 +169,7 @@ TEST_F(PipelineTest, LimitsAreClearErrors) {
   params.sampling.max_tokens = 510;
   r = pipe_->Submit(GenerateInput::Tokens({1, 2, 3, 4}), params);
   ASSERT_FALSE(r.ok());
-  EXPECT_NE(r.status().message().find("at most 508"), std::string::npos)
-      << r.status().message();
+  EXPECT_NE(r.status().message().find("at most 508"), std::string::npos) << r.status().message();
 
   params.sampling.max_tokens = 4;
   r = pipe_->Submit(GenerateInput::Tokens({1, 999999}), params);
@@ -214,6 +213,54 @@ TEST(PipelineCreate, BadDirectoryNamesIt) {
   auto p = ModelPipeline::Create("/nonexistent/model", {});
   ASSERT_FALSE(p.ok());
   EXPECT_NE(p.status().message().find("/nonexistent/model"), std::string::npos);
+}
+
+// A folder with config.json alone (like configs/qwen2.5-7b) serves random weights with the demo's
+// tokenizer: the output is the plain greedy loop's over the same seed-0 random weights.
+TEST(PipelineCreate, DummyWeightsWithAnotherFoldersTokenizer) {
+  const std::filesystem::path dir =
+      std::filesystem::path(::testing::TempDir()) / "qilin_pipeline_config_only";
+  std::filesystem::create_directories(dir);
+  std::filesystem::copy_file(kDemo + "/config.json", dir / "config.json",
+                             std::filesystem::copy_options::overwrite_existing);
+  PipelineOptions o;
+  o.device = "cpu";
+  o.engine.kv_cache_tokens = 1024;
+  o.dummy_weights = true;
+  auto no_tok = ModelPipeline::Create(dir.string(), o);
+  ASSERT_FALSE(no_tok.ok());
+  EXPECT_NE(no_tok.status().message().find(dir.string()), std::string::npos)
+      << no_tok.status().message();
+
+  o.tokenizer_dir = kDemo;
+  auto p = ModelPipeline::Create(dir.string(), o);
+  ASSERT_TRUE(p.ok()) << p.status().ToString();
+  GenerateParams params;
+  params.sampling.temperature = 0;
+  params.sampling.max_tokens = 6;
+  params.sampling.ignore_eos = true;
+  auto g = p.value()->Submit(GenerateInput::Text("Emma Woodhouse"), params);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  std::vector<int32_t> got;
+  while (auto d = g.value()->Next())
+    got.insert(got.end(), d->token_ids.begin(), d->token_ids.end());
+  ASSERT_EQ(got.size(), 6u);
+
+  auto config = LoadModelConfig(dir.string());
+  ASSERT_TRUE(config.ok());
+  auto backend = MakeDummyBackend("cpu", config.value(), DType::kBF16, 0);
+  ASSERT_TRUE(backend.ok()) << backend.status().ToString();
+  GreedyRequest req;
+  req.prompt_ids = p.value()->Tokenize(GenerateInput::Text("Emma Woodhouse")).value();
+  req.max_tokens = 6;
+  req.ignore_eos = true;
+  ASSERT_TRUE(backend.value()->AllocateKvCache({GreedyBlocksNeeded(req, 32), 32}).ok());
+  auto ref = GenerateGreedy(*backend.value(), req);
+  ASSERT_TRUE(ref.ok()) << ref.status().ToString();
+  std::vector<int32_t> want = ref.value();
+  if (want.size() > 6) want.erase(want.begin(), want.end() - 6);
+  EXPECT_EQ(got, want);
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

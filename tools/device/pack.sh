@@ -34,7 +34,7 @@ if [ -z "${QILIN_SKIP_TOKENIZER:-}" ]; then
 else
   rm -f "$DEST/qilin_bench_tokenizer"
 fi
-cp tools/device/run-gpu-checks.sh tools/device/torch_baseline.py "$DEST/" 2>/dev/null || cp tools/device/run-gpu-checks.sh "$DEST/"
+cp tools/device/run-gpu-checks.sh tools/device/serve-bench.sh tools/device/torch_baseline.py "$DEST/"
 # Debug info stays here: the working tree plus this must fit the device tool's 64 MiB.
 strip --strip-unneeded "$DEST"/qilin* "$DEST"/lib/*.so* 2>/dev/null || true
 du -sh "$DEST"

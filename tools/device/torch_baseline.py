@@ -1,6 +1,7 @@
 """Plain PyTorch / transformers baseline for bench/cuda_decode.cc on the same shape: Qwen2ForCausalLM
 built from config.json with random bf16 weights on the GPU (no checkpoint), batch-1 greedy decode
-with the HF KV cache (eager, no graphs) and one 4096-token prefill. Usage: torch_baseline.py CONFIG_DIR"""
+with the HF KV cache (eager, no graphs) and one 4096-token prefill; with --batched, generate() on 64
+prompts of 128 tokens, 256 new tokens each. Usage: torch_baseline.py CONFIG_DIR [--batched]"""
 import json
 import sys
 import time
@@ -47,6 +48,25 @@ def prefill():
     return sorted(ts)[1]
 
 
+@torch.no_grad()
+def batched(batch=64, prompt=128, new=256):
+    ids = torch.randint(0, config.vocab_size, (batch, prompt), device=dev)
+    mask = torch.ones_like(ids)
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    made = (out.shape[1] - prompt) * batch
+    print(f"torch generate() batch {batch}, {prompt} in / {new} out: {made / dt:.0f} output tok/s "
+          f"({dt:.1f} s)")
+
+
+if "--batched" in sys.argv:
+    batched()
+    sys.exit(0)
 tps = decode(128)
 pf = prefill()
 print(f"torch {torch.__version__} transformers eager sdpa, bf16, {torch.cuda.get_device_name()}")
