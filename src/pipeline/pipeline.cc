@@ -3,10 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
-#include <fstream>
 
 #include <spdlog/spdlog.h>
 
+#include "common/meminfo.h"
 #include "runtime/backend_factory.h"
 
 namespace qilin::pipeline {
@@ -31,17 +31,6 @@ class RequestDetokenizer : public IncrementalDetokenizer {
   }
   tokenizer::StreamDecoder decoder_;
 };
-
-int64_t MemAvailableBytes() {
-  std::ifstream f("/proc/meminfo");
-  std::string key;
-  int64_t kb = 0;
-  std::string unit;
-  while (f >> key >> kb >> unit) {
-    if (key == "MemAvailable:") return kb * 1024;
-  }
-  return -1;
-}
 
 }  // namespace
 
@@ -182,7 +171,8 @@ Result<std::unique_ptr<ModelPipeline>> ModelPipeline::Create(const std::string& 
   if (p->backend_->name() == "cpu" && ec.kv_cache_tokens == 0 &&
       options.cpu_kv_cache_memory_fraction > 0) {
     // Host memory is everyone's: the CPU pool takes a small share of what is available.
-    const int64_t avail = MemAvailableBytes();
+    const Result<int64_t> mem = MemAvailableBytes();
+    const int64_t avail = mem.ok() ? mem.value() : -1;
     const int64_t per_token = std::max<int64_t>(1, p->backend_->KvBytesPerToken());
     if (avail > 0) {
       const double frac =

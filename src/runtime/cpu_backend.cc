@@ -2,16 +2,15 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
 #include <map>
 #include <new>
-#include <sstream>
 
 #include <omp.h>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "common/meminfo.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/linear.h"
@@ -25,22 +24,6 @@ namespace {
 using cpu::WeightRef;
 
 WeightRef Ref(const TensorView& t) { return WeightRef{t.dtype, t.data}; }
-
-// Bytes of MemAvailable in /proc/meminfo, or an error.
-Result<int64_t> MemAvailableBytes() {
-  std::ifstream f("/proc/meminfo");
-  if (!f) return Unavailable("cannot read /proc/meminfo to size the KV cache");
-  std::string line;
-  while (std::getline(f, line)) {
-    if (line.rfind("MemAvailable:", 0) == 0) {
-      std::istringstream is(line.substr(13));
-      int64_t kb = 0;
-      is >> kb;
-      return kb * 1024;
-    }
-  }
-  return Unavailable("/proc/meminfo has no MemAvailable line");
-}
 
 }  // namespace
 

@@ -2,12 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
 #include <limits>
 #include <map>
 #include <new>
-#include <sstream>
 
+#include "common/meminfo.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/linear.h"
@@ -33,21 +32,6 @@ struct Command {
   int64_t b = 0;
   int64_t payload_bytes = 0;
 };
-
-Result<int64_t> MemAvailableBytes() {
-  std::ifstream f("/proc/meminfo");
-  if (!f) return Unavailable("cannot read /proc/meminfo to size the KV cache");
-  std::string line;
-  while (std::getline(f, line)) {
-    if (line.rfind("MemAvailable:", 0) == 0) {
-      std::istringstream is(line.substr(13));
-      int64_t kb = 0;
-      is >> kb;
-      return kb * 1024;
-    }
-  }
-  return Unavailable("/proc/meminfo has no MemAvailable line");
-}
 
 }  // namespace
 

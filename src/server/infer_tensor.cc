@@ -457,4 +457,40 @@ bool WantsEmptyFinalResponse(const inference::ModelInferRequest& request) {
          it->second.bool_param();
 }
 
+// KServe name of a model config datatype; "INVALID" for TYPE_INVALID and unknown values.
+std::string DatatypeName(inference::DataType t) {
+  switch (t) {
+    case inference::TYPE_BOOL:
+      return "BOOL";
+    case inference::TYPE_UINT8:
+      return "UINT8";
+    case inference::TYPE_UINT16:
+      return "UINT16";
+    case inference::TYPE_UINT32:
+      return "UINT32";
+    case inference::TYPE_UINT64:
+      return "UINT64";
+    case inference::TYPE_INT8:
+      return "INT8";
+    case inference::TYPE_INT16:
+      return "INT16";
+    case inference::TYPE_INT32:
+      return "INT32";
+    case inference::TYPE_INT64:
+      return "INT64";
+    case inference::TYPE_FP16:
+      return "FP16";
+    case inference::TYPE_FP32:
+      return "FP32";
+    case inference::TYPE_FP64:
+      return "FP64";
+    case inference::TYPE_STRING:
+      return "BYTES";
+    case inference::TYPE_BF16:
+      return "BF16";
+    default:
+      return "INVALID";
+  }
+}
+
 }  // namespace qilin::server

@@ -22,6 +22,9 @@ namespace qilin::server {
 inline constexpr int64_t kMaxTensorElements = int64_t{1} << 26;
 inline constexpr int kMaxTensorRank = 8;
 
+// The KServe name of a model config datatype (TYPE_STRING is "BYTES"); "INVALID" for others.
+std::string DatatypeName(inference::DataType t);
+
 struct Tensor {
   std::string name;
   std::string datatype;

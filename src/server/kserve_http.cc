@@ -22,39 +22,6 @@ void SendError(const ResponderPtr& res, const Status& s) {
   SendJson(res, pipeline::HttpStatusFor(s), json{{"error", s.message()}});
 }
 
-std::string DatatypeOf(inference::DataType t) {
-  switch (t) {
-    case inference::TYPE_BOOL:
-      return "BOOL";
-    case inference::TYPE_UINT8:
-      return "UINT8";
-    case inference::TYPE_UINT16:
-      return "UINT16";
-    case inference::TYPE_UINT32:
-      return "UINT32";
-    case inference::TYPE_UINT64:
-      return "UINT64";
-    case inference::TYPE_INT8:
-      return "INT8";
-    case inference::TYPE_INT16:
-      return "INT16";
-    case inference::TYPE_INT32:
-      return "INT32";
-    case inference::TYPE_INT64:
-      return "INT64";
-    case inference::TYPE_FP16:
-      return "FP16";
-    case inference::TYPE_FP32:
-      return "FP32";
-    case inference::TYPE_FP64:
-      return "FP64";
-    case inference::TYPE_BF16:
-      return "BF16";
-    default:
-      return "BYTES";
-  }
-}
-
 // Holds a call so that a client going away cancels it, whichever comes first.
 struct CallHolder {
   std::mutex mu;
@@ -239,7 +206,7 @@ Result<InferRequest> GenerateRequestFromJson(const RepositoryModel& model, const
     json data = v.is_array() ? v : json::array({v});
     const int64_t n = static_cast<int64_t>(data.size());
     json tj = {{"name", k},
-               {"datatype", DatatypeOf(decl->data_type())},
+               {"datatype", DatatypeName(decl->data_type())},
                {"shape", batched ? std::vector<int64_t>{1, n} : std::vector<int64_t>{n}},
                {"data", data}};
     // JSON numbers for float inputs may be written as integers, and the reverse for ints given

@@ -20,41 +20,6 @@ const Tensor* FindInput(const InferRequest& r, std::string_view name) {
   return nullptr;
 }
 
-std::string DtName(inference::DataType t) {
-  switch (t) {
-    case inference::TYPE_BOOL:
-      return "BOOL";
-    case inference::TYPE_UINT8:
-      return "UINT8";
-    case inference::TYPE_UINT16:
-      return "UINT16";
-    case inference::TYPE_UINT32:
-      return "UINT32";
-    case inference::TYPE_UINT64:
-      return "UINT64";
-    case inference::TYPE_INT8:
-      return "INT8";
-    case inference::TYPE_INT16:
-      return "INT16";
-    case inference::TYPE_INT32:
-      return "INT32";
-    case inference::TYPE_INT64:
-      return "INT64";
-    case inference::TYPE_FP16:
-      return "FP16";
-    case inference::TYPE_FP32:
-      return "FP32";
-    case inference::TYPE_FP64:
-      return "FP64";
-    case inference::TYPE_STRING:
-      return "BYTES";
-    case inference::TYPE_BF16:
-      return "BF16";
-    default:
-      return "INVALID";
-  }
-}
-
 // Inputs must be ones the model declares, with a datatype of the same family (integers of any
 // width are accepted for integer inputs: clients send UINT32 or INT32 for max_tokens alike),
 // and the required ones must be there.
@@ -70,7 +35,7 @@ Status CheckInputs(const RepositoryModel& m, const InferRequest& r) {
       return InvalidArgument("model '{}' has no input '{}' (inputs: {})", m.name, t.name,
                              fmt::join(names, ", "));
     }
-    const std::string want = DtName(decl->data_type());
+    const std::string want = DatatypeName(decl->data_type());
     const bool want_int = want.find("INT") != std::string::npos;
     const bool have_int = t.datatype.find("INT") != std::string::npos;
     const bool ok = t.datatype == want || (want_int && have_int) ||
@@ -84,7 +49,7 @@ Status CheckInputs(const RepositoryModel& m, const InferRequest& r) {
   for (const auto& in : m.config.input()) {
     if (!in.optional() && !FindInput(r, in.name())) {
       return InvalidArgument("model '{}' needs input '{}' ({})", m.name, in.name(),
-                             DtName(in.data_type()));
+                             DatatypeName(in.data_type()));
     }
   }
   return Status::Ok();
@@ -346,14 +311,14 @@ inference::ModelMetadataResponse TritonModels::Metadata(const RepositoryModel& m
   for (const auto& in : m.config.input()) {
     auto* t = md.add_inputs();
     t->set_name(in.name());
-    t->set_datatype(DtName(in.data_type()));
+    t->set_datatype(DatatypeName(in.data_type()));
     if (batched) t->add_shape(-1);
     for (int64_t d : in.dims()) t->add_shape(d);
   }
   for (const auto& out : m.config.output()) {
     auto* t = md.add_outputs();
     t->set_name(out.name());
-    t->set_datatype(DtName(out.data_type()));
+    t->set_datatype(DatatypeName(out.data_type()));
     if (batched) t->add_shape(-1);
     for (int64_t d : out.dims()) t->add_shape(d);
   }
