@@ -214,7 +214,8 @@ __global__ void CombineKernel(const int32_t* tokens, const int32_t* positions, i
 
 // ---- Prefill: FlashAttention-2 style with mma.sync m16n8k16 (bf16 in, f32 accumulate). ----
 
-constexpr int kPrefillWarps = kPrefillTileQ / 16;  // 8 warps of 16 query rows
+constexpr int kWarpRows = 32;                             // query rows per warp: two m16 tiles
+constexpr int kPrefillWarps = kPrefillTileQ / kWarpRows;  // 4
 constexpr int kKeyTile = 64;
 constexpr int kPad = 8;  // bf16 padding per shared row: row strides of 4 (mod 32) words
 
@@ -267,14 +268,15 @@ constexpr size_t PrefillSmemBytes() {
   return (size_t{kPrefillTileQ} + size_t{2} * 2 * kKeyTile) * (D + kPad) * sizeof(bf16_t);
 }
 
-// Block (head, tile of up to 128 query tokens of one sequence): 8 warps of 16 query rows. Per key
-// tile of 64: S = Q K^T, online softmax in registers (log2 domain, the scale folded into one FMA
-// before exp2), O += P V. Flops 4 * 128 * keys * D per block; K/V tiles cross L2 once per 128
-// query rows (2 * keys * D * 2 bytes). Q, K and V reach shared memory by cp.async (K/V two stages
-// deep: the next tile loads while this one is multiplied) and reach the tensor cores by ldmatrix
-// (.trans for V's B fragments, from row-major rows). Only tiles crossing a warp's diagonal are
-// masked; a warp skips the tiles past its last row. The heads of one tile are neighbours on the
-// grid, so the K/V of a GQA group is read from L2 by its heads at about the same time.
+// Block (head, tile of up to 128 query tokens of one sequence): 4 warps of 32 query rows (two
+// m16 tiles, so each K and V fragment read from shared memory feeds two MMAs). Per key tile of
+// 64: S = Q K^T, online softmax in registers (log2 domain, the scale folded into one FMA before
+// exp2), O += P V. Flops 4 * 128 * keys * D per block; K/V tiles cross L2 once per 128 query rows
+// (2 * keys * D * 2 bytes). Q, K and V reach shared memory by cp.async (K/V two stages deep: the
+// next tile loads while this one is multiplied) and the tensor cores by ldmatrix (.trans for V's
+// B fragments, from row-major rows). Only tiles crossing a warp's diagonal are masked; a warp
+// skips the tiles past its last row. The heads of one tile are neighbours on the grid, so the K/V
+// of a GQA group is read from L2 by its heads at about the same time.
 template <int D>
 __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
     PrefillKernel(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, AttnBatch b,
@@ -288,6 +290,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
   constexpr int kThreads = kPrefillWarps * 32;
   constexpr int kChunks = D / 8;                    // 16-byte chunks per row
   constexpr int kRowsPerPass = kThreads / kChunks;  // rows one pass of the block copies
+  constexpr int kM = kWarpRows / 16;                // m16 tiles per warp
   static_assert(kThreads % kChunks == 0 && kKeyTile % kRowsPerPass == 0, "tile copy shape");
   const int h = blockIdx.x;
   const int2 tile = tiles[blockIdx.y];
@@ -328,12 +331,17 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
   const int ntiles = (kv_len + kKeyTile - 1) / kKeyTile;
   load_tile(0, 0);
 
-  const int32_t wq = pos0 + warp * 16;  // this warp's first query position
-  const Row* qw = q_s + warp * 16;
-  float o[D / 8][4];
+  const int32_t wq = pos0 + warp * kWarpRows;  // this warp's first query position
+  const Row* qw = q_s + warp * kWarpRows;
+  float o[kM][D / 8][4];
+  float m[kM][2], l[kM][2];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+  for (int t = 0; t < kM; ++t) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[t][i][0] = o[t][i][1] = o[t][i][2] = o[t][i][3] = 0.0f;
+    m[t][0] = m[t][1] = -INFINITY;
+    l[t][0] = l[t][1] = 0.0f;
+  }
 
   for (int it = 0; it < ntiles; ++it) {
     const int32_t k0 = it * kKeyTile;
@@ -347,111 +355,139 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
     __syncthreads();
     const Row* ks = k_s + stage * kKeyTile;
     const Row* vs = v_s + stage * kKeyTile;
-    if (k0 <= wq + 15 && warp * 16 < nq) {  // else this warp's rows see none of these keys
-      float s[kKeyTile / 8][4];
+    if (k0 <= wq + kWarpRows - 1 && warp * kWarpRows < nq) {  // else no row sees these keys
+      float s[kM][kKeyTile / 8][4];
 #pragma unroll
-      for (int nt = 0; nt < kKeyTile / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; kk += 2) {
-        // A fragments of d (kk, kk + 1) * 16: lane l gives row l % 16, column 8 (l / 16).
-        uint32_t qa[4], qb[4];
-        LdMatrixX4(qa, &qw[lane & 15][kk * 16 + (lane >> 4) * 8]);
-        LdMatrixX4(qb, &qw[lane & 15][kk * 16 + 16 + (lane >> 4) * 8]);
+      for (int t = 0; t < kM; ++t) {
 #pragma unroll
         for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-          // Matrices: keys nt * 8 .. + 7 by d (kk * 16 + 8 mi) .. + 7: b0, b1 of kk, of kk + 1.
+          s[t][nt][0] = s[t][nt][1] = s[t][nt][2] = s[t][nt][3] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        // A fragments of d kk * 16 .. + 15: lane l gives row l % 16, column 8 (l / 16).
+        uint32_t qa[kM][4];
+#pragma unroll
+        for (int t = 0; t < kM; ++t) {
+          LdMatrixX4(qa[t], &qw[t * 16 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
+        }
+#pragma unroll
+        for (int np = 0; np < kKeyTile / 16; ++np) {
+          // Matrices: (keys 16 np + 0-7, d 0-7), (same keys, d 8-15), (keys + 8-15, d 0-7),
+          // (keys + 8-15, d 8-15): b0, b1 of key tile 2 np, then of 2 np + 1.
           uint32_t r[4];
-          LdMatrixX4(r, &ks[nt * 8 + mr][kk * 16 + mi * 8]);
-          Mma(s[nt], qa, r[0], r[1]);
-          Mma(s[nt], qb, r[2], r[3]);
+          LdMatrixX4(r, &ks[np * 16 + (mi >> 1) * 8 + mr][kk * 16 + (mi & 1) * 8]);
+#pragma unroll
+          for (int t = 0; t < kM; ++t) {
+            Mma(s[t][2 * np], qa[t], r[0], r[1]);
+            Mma(s[t][2 * np + 1], qa[t], r[2], r[3]);
+          }
         }
       }
-      if (k0 + kKeyTile - 1 > wq) {  // the tile crosses the diagonal of some row of this warp
-        const int32_t qp0 = wq + g, qp1 = qp0 + 8;
+      const bool diagonal = k0 + kKeyTile - 1 > wq;  // the tile crosses some row's diagonal
+      uint32_t a[kM][kKeyTile / 16][4];              // P as bf16 A fragments
+#pragma unroll
+      for (int t = 0; t < kM; ++t) {
+        if (diagonal) {
+          const int32_t qp0 = wq + t * 16 + g, qp1 = qp0 + 8;
+#pragma unroll
+          for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+            const int32_t kp = k0 + nt * 8 + 2 * c;
+            if (kp > qp0) s[t][nt][0] = -INFINITY;
+            if (kp + 1 > qp0) s[t][nt][1] = -INFINITY;
+            if (kp > qp1) s[t][nt][2] = -INFINITY;
+            if (kp + 1 > qp1) s[t][nt][3] = -INFINITY;
+          }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-          const int32_t kp = k0 + nt * 8 + 2 * c;
-          if (kp > qp0) s[nt][0] = -INFINITY;
-          if (kp + 1 > qp0) s[nt][1] = -INFINITY;
-          if (kp > qp1) s[nt][2] = -INFINITY;
-          if (kp + 1 > qp1) s[nt][3] = -INFINITY;
+          mx0 = fmaxf(mx0, fmaxf(s[t][nt][0], s[t][nt][1]));
+          mx1 = fmaxf(mx1, fmaxf(s[t][nt][2], s[t][nt][3]));
         }
-      }
-      float mx0 = -INFINITY, mx1 = -INFINITY;
+        for (int off = 1; off < 4; off <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        // Running maxima in log2 units (scale_log2 > 0, so max and scaling commute).
+        const float mn0 = fmaxf(m[t][0], mx0 * scale_log2);
+        const float mn1 = fmaxf(m[t][1], mx1 * scale_log2);
+        const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+        const float corr0 = exp2f(m[t][0] - mu0), corr1 = exp2f(m[t][1] - mu1);
+        m[t][0] = mn0;
+        m[t][1] = mn1;
+        float sum0 = 0.0f, sum1 = 0.0f;
 #pragma unroll
-      for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-      }
-      for (int off = 1; off < 4; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-      }
-      // Running maxima in log2 units (scale_log2 > 0, so max and scaling commute).
-      const float mn0 = fmaxf(m0, mx0 * scale_log2), mn1 = fmaxf(m1, mx1 * scale_log2);
-      const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-      const float corr0 = exp2f(m0 - mu0), corr1 = exp2f(m1 - mu1);
-      m0 = mn0;
-      m1 = mn1;
-      float sum0 = 0.0f, sum1 = 0.0f;
+        for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+          s[t][nt][0] = exp2f(fmaf(s[t][nt][0], scale_log2, -mu0));
+          s[t][nt][1] = exp2f(fmaf(s[t][nt][1], scale_log2, -mu0));
+          s[t][nt][2] = exp2f(fmaf(s[t][nt][2], scale_log2, -mu1));
+          s[t][nt][3] = exp2f(fmaf(s[t][nt][3], scale_log2, -mu1));
+          sum0 += s[t][nt][0] + s[t][nt][1];
+          sum1 += s[t][nt][2] + s[t][nt][3];
+        }
+        l[t][0] = l[t][0] * corr0 + sum0;
+        l[t][1] = l[t][1] * corr1 + sum1;
 #pragma unroll
-      for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-        s[nt][0] = exp2f(fmaf(s[nt][0], scale_log2, -mu0));
-        s[nt][1] = exp2f(fmaf(s[nt][1], scale_log2, -mu0));
-        s[nt][2] = exp2f(fmaf(s[nt][2], scale_log2, -mu1));
-        s[nt][3] = exp2f(fmaf(s[nt][3], scale_log2, -mu1));
-        sum0 += s[nt][0] + s[nt][1];
-        sum1 += s[nt][2] + s[nt][3];
-      }
-      l0 = l0 * corr0 + sum0;
-      l1 = l1 * corr1 + sum1;
+        for (int dt = 0; dt < D / 8; ++dt) {
+          o[t][dt][0] *= corr0;
+          o[t][dt][1] *= corr0;
+          o[t][dt][2] *= corr1;
+          o[t][dt][3] *= corr1;
+        }
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][0] *= corr0;
-        o[dt][1] *= corr0;
-        o[dt][2] *= corr1;
-        o[dt][3] *= corr1;
+        for (int kv = 0; kv < kKeyTile / 16; ++kv) {
+          a[t][kv][0] = Pack(s[t][2 * kv][0], s[t][2 * kv][1]);
+          a[t][kv][1] = Pack(s[t][2 * kv][2], s[t][2 * kv][3]);
+          a[t][kv][2] = Pack(s[t][2 * kv + 1][0], s[t][2 * kv + 1][1]);
+          a[t][kv][3] = Pack(s[t][2 * kv + 1][2], s[t][2 * kv + 1][3]);
+        }
       }
 #pragma unroll
       for (int kv = 0; kv < kKeyTile / 16; ++kv) {
-        uint32_t a[4];
-        a[0] = Pack(s[2 * kv][0], s[2 * kv][1]);
-        a[1] = Pack(s[2 * kv][2], s[2 * kv][3]);
-        a[2] = Pack(s[2 * kv + 1][0], s[2 * kv + 1][1]);
-        a[3] = Pack(s[2 * kv + 1][2], s[2 * kv + 1][3]);
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {
           // Matrices: (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (8-15, 8-15)
           // of this 16 x 16 block: b0, b1 of d tile 2 dp, then of d tile 2 dp + 1.
           uint32_t r[4];
           LdMatrixX4Trans(r, &vs[kv * 16 + (mi & 1) * 8 + mr][dp * 16 + (mi >> 1) * 8]);
-          Mma(o[2 * dp], a, r[0], r[1]);
-          Mma(o[2 * dp + 1], a, r[2], r[3]);
+#pragma unroll
+          for (int t = 0; t < kM; ++t) {
+            Mma(o[t][2 * dp], a[t][kv], r[0], r[1]);
+            Mma(o[t][2 * dp + 1], a[t][kv], r[2], r[3]);
+          }
         }
       }
     }
     __syncthreads();  // every warp is done with `stage` before it is loaded again
   }
-  for (int off = 1; off < 4; off <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-  }
-  // Normalised rows go through this warp's own 16 rows of the Q tile, then out as 16-byte
-  // stores (a row's D * 2 bytes contiguous) instead of scattered 4-byte ones.
-  const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-  Row* ow = q_s + warp * 16;
+  // Normalised rows go through this warp's own rows of the Q tile, then out as 16-byte stores (a
+  // row's D * 2 bytes contiguous) instead of scattered 4-byte ones.
+  Row* ow = q_s + warp * kWarpRows;
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    const int d = dt * 8 + 2 * c;
-    *reinterpret_cast<uint32_t*>(&ow[g][d]) = Pack(o[dt][0] * inv0, o[dt][1] * inv0);
-    *reinterpret_cast<uint32_t*>(&ow[g + 8][d]) = Pack(o[dt][2] * inv1, o[dt][3] * inv1);
+  for (int t = 0; t < kM; ++t) {
+    float l0 = l[t][0], l1 = l[t][1];
+    for (int off = 1; off < 4; off <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int d = dt * 8 + 2 * c;
+      *reinterpret_cast<uint32_t*>(&ow[t * 16 + g][d]) =
+          Pack(o[t][dt][0] * inv0, o[t][dt][1] * inv0);
+      *reinterpret_cast<uint32_t*>(&ow[t * 16 + g + 8][d]) =
+          Pack(o[t][dt][2] * inv1, o[t][dt][3] * inv1);
+    }
   }
   __syncwarp();
 #pragma unroll
-  for (int i = lane; i < 16 * kChunks; i += 32) {
+  for (int i = lane; i < kWarpRows * kChunks; i += 32) {
     const int r = i / kChunks, d8 = (i % kChunks) * 8;
-    if (warp * 16 + r < nq) {
-      *reinterpret_cast<uint4*>(out + (q0 + warp * 16 + r) * q_stride + h * D + d8) =
+    if (warp * kWarpRows + r < nq) {
+      *reinterpret_cast<uint4*>(out + (q0 + warp * kWarpRows + r) * q_stride + h * D + d8) =
           *reinterpret_cast<const uint4*>(&ow[r][d8]);
     }
   }
