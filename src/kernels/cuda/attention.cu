@@ -232,6 +232,14 @@ __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// 2^x by the special-function unit (exp2f adds a denormal-range fix-up around the same
+// instruction); 2^-inf = 0.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -385,8 +393,10 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
           }
         }
       }
+      // Online softmax, both m16 tiles phase by phase and the row max / row sum as trees, so that
+      // each warp has independent work between dependent instructions (2 warps per scheduler).
       const bool diagonal = k0 + kKeyTile - 1 > wq;  // the tile crosses some row's diagonal
-      uint32_t a[kM][kKeyTile / 16][4];              // P as bf16 A fragments
+      float mx[kM][2];
 #pragma unroll
       for (int t = 0; t < kM; ++t) {
         if (diagonal) {
@@ -400,35 +410,61 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
             if (kp + 1 > qp1) s[t][nt][3] = -INFINITY;
           }
         }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
+        float r0[kKeyTile / 8], r1[kKeyTile / 8];
 #pragma unroll
         for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-          mx0 = fmaxf(mx0, fmaxf(s[t][nt][0], s[t][nt][1]));
-          mx1 = fmaxf(mx1, fmaxf(s[t][nt][2], s[t][nt][3]));
+          r0[nt] = fmaxf(s[t][nt][0], s[t][nt][1]);
+          r1[nt] = fmaxf(s[t][nt][2], s[t][nt][3]);
         }
-        for (int off = 1; off < 4; off <<= 1) {
-          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+#pragma unroll
+        for (int w = kKeyTile / 16; w > 0; w >>= 1) {
+#pragma unroll
+          for (int nt = 0; nt < w; ++nt) {
+            r0[nt] = fmaxf(r0[nt], r0[nt + w]);
+            r1[nt] = fmaxf(r1[nt], r1[nt + w]);
+          }
         }
+        mx[t][0] = r0[0];
+        mx[t][1] = r1[0];
+      }
+#pragma unroll
+      for (int off = 1; off < 4; off <<= 1) {
+#pragma unroll
+        for (int t = 0; t < kM; ++t) {
+          mx[t][0] = fmaxf(mx[t][0], __shfl_xor_sync(0xffffffffu, mx[t][0], off));
+          mx[t][1] = fmaxf(mx[t][1], __shfl_xor_sync(0xffffffffu, mx[t][1], off));
+        }
+      }
+      uint32_t a[kM][kKeyTile / 16][4];  // P as bf16 A fragments
+#pragma unroll
+      for (int t = 0; t < kM; ++t) {
         // Running maxima in log2 units (scale_log2 > 0, so max and scaling commute).
-        const float mn0 = fmaxf(m[t][0], mx0 * scale_log2);
-        const float mn1 = fmaxf(m[t][1], mx1 * scale_log2);
+        const float mn0 = fmaxf(m[t][0], mx[t][0] * scale_log2);
+        const float mn1 = fmaxf(m[t][1], mx[t][1] * scale_log2);
         const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-        const float corr0 = exp2f(m[t][0] - mu0), corr1 = exp2f(m[t][1] - mu1);
+        const float corr0 = Exp2(m[t][0] - mu0), corr1 = Exp2(m[t][1] - mu1);
         m[t][0] = mn0;
         m[t][1] = mn1;
-        float sum0 = 0.0f, sum1 = 0.0f;
+        float r0[kKeyTile / 8], r1[kKeyTile / 8];
 #pragma unroll
         for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-          s[t][nt][0] = exp2f(fmaf(s[t][nt][0], scale_log2, -mu0));
-          s[t][nt][1] = exp2f(fmaf(s[t][nt][1], scale_log2, -mu0));
-          s[t][nt][2] = exp2f(fmaf(s[t][nt][2], scale_log2, -mu1));
-          s[t][nt][3] = exp2f(fmaf(s[t][nt][3], scale_log2, -mu1));
-          sum0 += s[t][nt][0] + s[t][nt][1];
-          sum1 += s[t][nt][2] + s[t][nt][3];
+          s[t][nt][0] = Exp2(fmaf(s[t][nt][0], scale_log2, -mu0));
+          s[t][nt][1] = Exp2(fmaf(s[t][nt][1], scale_log2, -mu0));
+          s[t][nt][2] = Exp2(fmaf(s[t][nt][2], scale_log2, -mu1));
+          s[t][nt][3] = Exp2(fmaf(s[t][nt][3], scale_log2, -mu1));
+          r0[nt] = s[t][nt][0] + s[t][nt][1];
+          r1[nt] = s[t][nt][2] + s[t][nt][3];
         }
-        l[t][0] = l[t][0] * corr0 + sum0;
-        l[t][1] = l[t][1] * corr1 + sum1;
+#pragma unroll
+        for (int w = kKeyTile / 16; w > 0; w >>= 1) {
+#pragma unroll
+          for (int nt = 0; nt < w; ++nt) {
+            r0[nt] += r0[nt + w];
+            r1[nt] += r1[nt + w];
+          }
+        }
+        l[t][0] = l[t][0] * corr0 + r0[0];
+        l[t][1] = l[t][1] * corr1 + r1[0];
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
           o[t][dt][0] *= corr0;
