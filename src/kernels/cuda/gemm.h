@@ -30,7 +30,7 @@ class Gemm {
   // SwiGLU's fused gate|up projection: out[n, inter] = bf16(silu(x gate^T) * (x up^T)), with
   // w_gate_up [2 * inter, in]. Small n: one skinny kernel; else a GEMM into `gu` ([n, 2 * inter],
   // room for f32) and SiluMul: gate and up in f32, or in bf16 from swiglu_bf16_min_rows() rows on
-  // (prefill: half the bytes written and read back, and the GEMM with bf16 output is faster).
+  // (prefill: half the bytes written and read back; golden qwen2 error 1.69e-2 vs 1.96e-2 in f32).
   Status LinearSwiGlu(const void* x, int64_t n, int64_t in, const void* w_gate_up, int64_t inter,
                       void* gu, void* out, cudaStream_t stream);
 
