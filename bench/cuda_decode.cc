@@ -122,6 +122,7 @@ void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double 
   Check(cuda::FillRandomBf16(w, pool, 7, 0.0f, 0.02f, st), "fill");
   Check(cuda::FillRandomBf16(xa, N * inter, 8, 0.0f, 1.0f, st), "fill");
   Check(cuda::FillRandomF32(yf, N * 2 * inter, 9, 0.0f, 1.0f, st), "fill");
+  Check(cuda::FillRandomF32(gu, N * 2 * inter, 11, 0.0f, 1.0f, st), "fill");
   cuda::Gemm gemm;
   Check(gemm.Init());
   constexpr int kReps = 20;
@@ -187,8 +188,13 @@ void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double 
     double t =
         time([&](int) { Check(cuda::AddRmsNorm(x, gu, nullptr, n, h, w, 1e-6f, xb, st), "norm"); });
     row("add + rmsnorm", n, t, n * h * (4.0 + 4 + 4 + 2), 0, 2 * ps);
+    // Prefill-sized steps take bf16 gate|up (Gemm::swiglu_bf16_min_rows), smaller ones f32.
+    const bool bf16_step = n >= gemm.swiglu_bf16_min_rows();
     t = time([&](int) { Check(cuda::SiluMul(gu, n, inter, xb, st), "silu"); });
-    row("silu*mul (f32 in)", n, t, n * inter * 10.0, 0, ps);
+    row("silu*mul (f32 in)", n, t, n * inter * 10.0, 0, bf16_step ? 0 : ps);
+    const auto* gub = reinterpret_cast<const cuda::bf16_t*>(gu);
+    t = time([&](int) { Check(cuda::SiluMul(gub, n, inter, xb, st), "silu"); });
+    row("silu*mul (bf16 in)", n, t, n * inter * 6.0, 0, bf16_step ? ps : 0);
   }
   // Prefill GEMMs at n = 4096: f32 vs bf16 outputs.
   gemm.set_gemv_max_rows(0);
@@ -200,7 +206,9 @@ void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double 
       });
       char name[64];
       std::snprintf(name, sizeof name, "%s %s out", s.name, f32 ? "f32" : "bf16");
-      row(name, N, t, 0, 2.0 * N * s.in * s.out, f32 ? s.per_step : 0);
+      // The step's own choice: bf16 out for gate_up at prefill sizes, f32 out for the others.
+      const bool bf16_used = s.out == 2 * inter && N >= gemm.swiglu_bf16_min_rows();
+      row(name, N, t, 0, 2.0 * N * s.in * s.out, f32 != bf16_used ? s.per_step : 0);
     }
   }
   // Prefill attention at 4096 tokens, one sequence, causal.

@@ -97,6 +97,9 @@ Status CudaBackend::Init() {
   if (options_.gemv_max_rows >= 0) {
     gemm_.set_gemv_max_rows(std::min(options_.gemv_max_rows, cuda::kGemvMaxRows));
   }
+  if (options_.swiglu_bf16_min_rows >= 0) {
+    gemm_.set_swiglu_bf16_min_rows(options_.swiglu_bf16_min_rows);
+  }
   const cpu::RopeFreqs f = cpu::ComputeRopeFreqs(config_, 0, 1.0);
   base_inv_freq_ = f.inv_freq;
   base_attn_scale_ = f.attention_scaling;
@@ -413,6 +416,15 @@ Status CudaBackend::SetGemvMaxRows(int rows) {
   QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before switching GEMM paths");
   DropGraphs();
   gemm_.set_gemv_max_rows(rows);
+  return Status::Ok();
+}
+
+Status CudaBackend::SetSwiGluBf16MinRows(int64_t rows) {
+  if (rows < 0) return InvalidArgument("swiglu_bf16_min_rows = {} is negative", rows);
+  QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before switching SwiGLU dtypes");
+  DropGraphs();
+  options_.swiglu_bf16_min_rows = rows;
+  gemm_.set_swiglu_bf16_min_rows(rows);
   return Status::Ok();
 }
 

@@ -29,6 +29,9 @@ struct CudaBackendOptions {
   int gemv_max_rows = -1;
   // Decode attention on tensor cores where the shape allows (cuda::DecodeMmaSupported).
   bool decode_attention_mma = true;
+  // Steps of at least this many tokens keep SwiGLU's gate|up GEMM output in bf16 instead of f32;
+  // -1 keeps cuda::Gemm's default (kSwiGluBf16MinRows).
+  int64_t swiglu_bf16_min_rows = -1;
 };
 
 class CudaBackend : public Backend {
@@ -65,6 +68,8 @@ class CudaBackend : public Backend {
   Status SetGemvMaxRows(int rows);
   // Switches CudaBackendOptions::decode_attention_mma (drops the captured graphs).
   Status SetDecodeAttentionMma(bool on);
+  // Switches CudaBackendOptions::swiglu_bf16_min_rows (drops the captured graphs).
+  Status SetSwiGluBf16MinRows(int64_t rows);
 
  private:
   struct DevLayer {

@@ -152,6 +152,57 @@ TEST(CudaOps, SiluMul) {
   }
 }
 
+TEST(CudaOps, SiluMulBf16) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t inter : {333, 332, 336}) {  // scalar kernel twice; 8-wide kernel
+    const int64_t n = 7;
+    auto gu = RandBf16(n * 2 * inter, 2.0f);
+    Dev<uint16_t> dgu(gu), dout(n * inter);
+    CUDA_OK(cuda::SiluMul(dgu.p, n, inter, dout.p, nullptr));
+    auto guf = ToF32(gu);
+    std::vector<float> g(n * inter), u(n * inter), ref(n * inter);
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t j = 0; j < inter; ++j) {
+        g[r * inter + j] = guf[r * 2 * inter + j];
+        u[r * inter + j] = guf[r * 2 * inter + inter + j];
+      }
+    }
+    cpu::SiluMul(g.data(), u.data(), n, inter, ref.data());
+    EXPECT_LT(RelErr(ToF32(dout.Get()), ref), kBf16Tol) << inter;
+  }
+}
+
+// Gemm::LinearSwiGlu through cuBLASLt with f32 and with bf16 gate|up against the CPU reference
+// (f32 from the bf16 weights).
+TEST(CudaOps, LinearSwiGluBothDtypes) {
+  SKIP_WITHOUT_GPU();
+  cuda::Gemm gemm;
+  ASSERT_TRUE(gemm.Init().ok());
+  gemm.set_gemv_max_rows(0);
+  const int64_t in = 264, inter = 344;
+  for (int64_t n : {37, 300}) {
+    auto x = RandBf16(n * in), w = RandBf16(2 * inter * in, 0.1f);
+    std::vector<float> xf = ToF32(x), gu(n * 2 * inter), g(n * inter), u(n * inter), ref(n * inter);
+    cpu::Linear(xf.data(), n, in, {DType::kBF16, w.data()}, 2 * inter, {DType::kBF16, nullptr},
+                gu.data());
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t j = 0; j < inter; ++j) {
+        g[r * inter + j] = gu[r * 2 * inter + j];
+        u[r * inter + j] = gu[r * 2 * inter + inter + j];
+      }
+    }
+    cpu::SiluMul(g.data(), u.data(), n, inter, ref.data());
+    for (int64_t min_rows : {int64_t{0}, int64_t{1} << 40}) {
+      gemm.set_swiglu_bf16_min_rows(min_rows);
+      Dev<uint16_t> dx(x), dw(w), dout(n * inter);
+      Dev<float> dgu(n * 2 * inter);
+      ASSERT_TRUE(gemm.LinearSwiGlu(dx.p, n, in, dw.p, inter, dgu.p, dout.p, nullptr).ok());
+      CUDA_OK(cudaDeviceSynchronize());
+      EXPECT_LT(RelErr(ToF32(dout.Get()), ref), kBf16Tol) << n << " bf16 " << (min_rows == 0);
+    }
+  }
+}
+
 TEST(CudaOps, LinearThroughCublasLt) {
   SKIP_WITHOUT_GPU();
   cuda::Gemm gemm;
@@ -333,13 +384,14 @@ TEST(CudaOps, RopeWriteKvAllScalingTypes) {
 }
 
 // Paged attention (decode split-KV and tensor-core prefill) vs cpu::PagedAttention on a batch of
-// a fresh prefill, a chunked prefill over a cached prefix, and long and short decodes.
+// fresh prefills (one, two and three query tiles, partial last tiles), chunked prefills over a
+// cached prefix (a 700-token prefix under three tiles; a 1-token one), and long and short decodes.
 void CheckAttention(int64_t hd, int64_t H, int64_t KV, bool use_prefill, bool decode_mma = false) {
   const int32_t bs = 16, num_blocks = 200;
   const int64_t kv_size = KV * hd, q_size = H * hd;
   // (new tokens, context) per sequence.
-  std::vector<std::pair<int32_t, int32_t>> seqs = {
-      {77, 77}, {45, 150}, {1, 1000}, {1, 3}, {130, 131}};
+  std::vector<std::pair<int32_t, int32_t>> seqs = {{77, 77},   {45, 150},   {1, 1000}, {1, 3},
+                                                   {130, 131}, {300, 1000}, {257, 257}};
   const int32_t S = static_cast<int32_t>(seqs.size());
   int32_t max_blocks = 0;
   for (auto& s : seqs) max_blocks = std::max(max_blocks, (s.second + bs - 1) / bs);

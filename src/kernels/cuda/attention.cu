@@ -214,7 +214,8 @@ __global__ void CombineKernel(const int32_t* tokens, const int32_t* positions, i
 
 // ---- Prefill: FlashAttention-2 style with mma.sync m16n8k16 (bf16 in, f32 accumulate). ----
 
-constexpr int kPrefillWarps = 4;
+constexpr int kWarpRows = 32;                             // query rows per warp: two m16 tiles
+constexpr int kPrefillWarps = kPrefillTileQ / kWarpRows;  // 4
 constexpr int kKeyTile = 64;
 constexpr int kPad = 8;  // bf16 padding per shared row: row strides of 4 (mod 32) words
 
@@ -229,6 +230,14 @@ __device__ __forceinline__ void Mma(float c[4], const uint32_t a[4], uint32_t b0
 __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// 2^x by the special-function unit (exp2f adds a denormal-range fix-up around the same
+// instruction); 2^-inf = 0.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
@@ -262,68 +271,85 @@ __device__ __forceinline__ void LdMatrixX4Trans(uint32_t r[4], const void* smem)
 
 template <int D>
 constexpr size_t PrefillSmemBytes() {
-  return size_t{2} * 2 * kKeyTile * (D + kPad) * sizeof(bf16_t);  // 2 stages of K and V
+  // The Q tile, then 2 stages of K and V tiles: (128 + 256) * 136 * 2 = 104 KB at D = 128, so two
+  // blocks (16 warps) fit an SM.
+  return (size_t{kPrefillTileQ} + size_t{2} * 2 * kKeyTile) * (D + kPad) * sizeof(bf16_t);
 }
 
-// Block (tile of up to 64 query tokens of one sequence, head): 16 query rows per warp. Per key
-// tile: S = Q K^T (64 x 64), online softmax in registers, O += P V. Flops 4 * 64 * keys * D.
-// K and V tiles stream through two shared-memory stages by cp.async (the next tile loads while
-// this one is multiplied); V's B fragments come transposed by ldmatrix.trans from row-major
-// rows, so no thread transposes through shared memory.
+// Block (head, tile of up to 128 query tokens of one sequence): 4 warps of 32 query rows (two
+// m16 tiles, so each K and V fragment read from shared memory feeds two MMAs). Per key tile of
+// 64: S = Q K^T, online softmax in registers (log2 domain, the scale folded into one FMA before
+// exp2), O += P V. Flops 4 * 128 * keys * D per block; K/V tiles cross L2 once per 128 query rows
+// (2 * keys * D * 2 bytes). Q, K and V reach shared memory by cp.async (K/V two stages deep: the
+// next tile loads while this one is multiplied) and the tensor cores by ldmatrix (.trans for V's
+// B fragments, from row-major rows). Only tiles crossing a warp's diagonal are masked; a warp
+// skips the tiles past its last row. The heads of one tile are neighbours on the grid, so the K/V
+// of a GQA group is read from L2 by its heads at about the same time.
 template <int D>
-__global__ void __launch_bounds__(kPrefillWarps * 32)
+__global__ void __launch_bounds__(kPrefillWarps * 32, 2)
     PrefillKernel(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, AttnBatch b,
                   const int2* tiles, int num_heads, int num_kv_heads, float scale_log2,
                   bf16_t* out) {
   extern __shared__ __align__(16) unsigned char prefill_smem[];
   using Row = bf16_t[D + kPad];
-  Row* k_s = reinterpret_cast<Row*>(prefill_smem);  // [2][kKeyTile]
+  Row* q_s = reinterpret_cast<Row*>(prefill_smem);  // [kPrefillTileQ]
+  Row* k_s = q_s + kPrefillTileQ;                   // [2][kKeyTile]
   Row* v_s = k_s + 2 * kKeyTile;                    // [2][kKeyTile]
-  const int2 tile = tiles[blockIdx.x];
-  const int h = blockIdx.y;
+  constexpr int kThreads = kPrefillWarps * 32;
+  constexpr int kChunks = D / 8;                    // 16-byte chunks per row
+  constexpr int kRowsPerPass = kThreads / kChunks;  // rows one pass of the block copies
+  constexpr int kM = kWarpRows / 16;                // m16 tiles per warp
+  static_assert(kThreads % kChunks == 0 && kKeyTile % kRowsPerPass == 0, "tile copy shape");
+  const int h = blockIdx.x;
+  const int2 tile = tiles[blockIdx.y];
   const int seq = tile.x, q0 = tile.y;
   const int nq = min(kPrefillTileQ, b.query_start[seq + 1] - q0);
   const int group = num_heads / num_kv_heads, kvh = h / group;
   const int32_t pos0 = b.positions[q0];
   const int32_t kv_len = pos0 + nq;  // keys 0 .. last query's position
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, c = lane & 3;
+  const int g = lane >> 2, c = lane & 3, mi = lane >> 3, mr = lane & 7;
+  const int cc = (threadIdx.x % kChunks) * 8, rr = threadIdx.x / kChunks;
   const int64_t q_stride = static_cast<int64_t>(num_heads) * D;
   const int64_t kv_size = static_cast<int64_t>(num_kv_heads) * D;
 
+  // Q tile (rows past the sequence's chunk are zero), committed with the first K/V tile.
+#pragma unroll
+  for (int u = 0; u < kPrefillTileQ / kRowsPerPass; ++u) {
+    const int r = rr + u * kRowsPerPass;
+    const bool valid = r < nq;
+    CpAsync16(&q_s[r][cc], q + (valid ? (q0 + r) * q_stride + h * D + cc : 0), valid);
+  }
+  const int32_t* table = b.block_tables + static_cast<int64_t>(seq) * b.table_stride;
+  const int32_t bsz = b.block_size;
+  const bf16_t* k_head = k_cache + static_cast<int64_t>(kvh) * D + cc;
+  const int64_t v_off = v_cache - k_cache;
   auto load_tile = [&](int stage, int32_t k0) {
-    for (int i = threadIdx.x; i < kKeyTile * (D / 8); i += blockDim.x) {
-      const int j = i / (D / 8), d8 = (i % (D / 8)) * 8;
-      const bool valid = k0 + j < kv_len;
-      const int64_t base =
-          valid ? SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D + d8 : 0;
-      CpAsync16(&k_s[stage * kKeyTile + j][d8], k_cache + base, valid);
-      CpAsync16(&v_s[stage * kKeyTile + j][d8], v_cache + base, valid);
+#pragma unroll
+    for (int u = 0; u < kKeyTile / kRowsPerPass; ++u) {
+      const int j = rr + u * kRowsPerPass, p = k0 + j;
+      const bool valid = p < kv_len;
+      const int64_t slot = valid ? static_cast<int64_t>(table[p / bsz]) * bsz + p % bsz : 0;
+      const bf16_t* src = k_head + slot * kv_size;
+      CpAsync16(&k_s[stage * kKeyTile + j][cc], src, valid);
+      CpAsync16(&v_s[stage * kKeyTile + j][cc], src + v_off, valid);
     }
     CpAsyncCommit();
   };
   const int ntiles = (kv_len + kKeyTile - 1) / kKeyTile;
   load_tile(0, 0);
 
-  // Q fragments (A operand) straight from global memory; rows past the tile are zero.
-  const int r0 = warp * 16 + g, r1 = r0 + 8;
-  uint32_t qf[D / 16][4];
-  {
-    const uint32_t* row0 = reinterpret_cast<const uint32_t*>(q + (q0 + r0) * q_stride + h * D);
-    const uint32_t* row1 = reinterpret_cast<const uint32_t*>(q + (q0 + r1) * q_stride + h * D);
+  const int32_t wq = pos0 + warp * kWarpRows;  // this warp's first query position
+  const Row* qw = q_s + warp * kWarpRows;
+  float o[kM][D / 8][4];
+  float m[kM][2], l[kM][2];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      qf[kk][0] = r0 < nq ? row0[kk * 8 + c] : 0u;
-      qf[kk][1] = r1 < nq ? row1[kk * 8 + c] : 0u;
-      qf[kk][2] = r0 < nq ? row0[kk * 8 + c + 4] : 0u;
-      qf[kk][3] = r1 < nq ? row1[kk * 8 + c + 4] : 0u;
-    }
+  for (int t = 0; t < kM; ++t) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[t][i][0] = o[t][i][1] = o[t][i][2] = o[t][i][3] = 0.0f;
+    m[t][0] = m[t][1] = -INFINITY;
+    l[t][0] = l[t][1] = 0.0f;
   }
-  const int32_t qp0 = pos0 + r0, qp1 = pos0 + r1;
-  float o[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
 
   for (int it = 0; it < ntiles; ++it) {
     const int32_t k0 = it * kKeyTile;
@@ -337,95 +363,168 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
     __syncthreads();
     const Row* ks = k_s + stage * kKeyTile;
     const Row* vs = v_s + stage * kKeyTile;
-    if (k0 <= pos0 + warp * 16 + 15) {  // else this warp's rows see none of these keys
-      float s[kKeyTile / 8][4];
-      const int mi = lane >> 3, mr = lane & 7;
+    if (k0 <= wq + kWarpRows - 1 && warp * kWarpRows < nq) {  // else no row sees these keys
+      float s[kM][kKeyTile / 8][4];
 #pragma unroll
-      for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+      for (int t = 0; t < kM; ++t) {
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk += 2) {
-          // Matrices: keys nt * 8 .. + 7 by d (kk * 16 + 8 mi) .. + 7: b0, b1 of kk, of kk + 1.
-          uint32_t r[4];
-          LdMatrixX4(r, &ks[nt * 8 + mr][kk * 16 + mi * 8]);
-          Mma(s[nt], qf[kk], r[0], r[1]);
-          Mma(s[nt], qf[kk + 1], r[2], r[3]);
+        for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+          s[t][nt][0] = s[t][nt][1] = s[t][nt][2] = s[t][nt][3] = 0.0f;
         }
       }
-      float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-      for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-        const int32_t kp = k0 + nt * 8 + 2 * c;
-        s[nt][0] = kp <= qp0 ? s[nt][0] * scale_log2 : -INFINITY;
-        s[nt][1] = kp + 1 <= qp0 ? s[nt][1] * scale_log2 : -INFINITY;
-        s[nt][2] = kp <= qp1 ? s[nt][2] * scale_log2 : -INFINITY;
-        s[nt][3] = kp + 1 <= qp1 ? s[nt][3] * scale_log2 : -INFINITY;
-        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+      for (int kk = 0; kk < D / 16; ++kk) {
+        // A fragments of d kk * 16 .. + 15: lane l gives row l % 16, column 8 (l / 16).
+        uint32_t qa[kM][4];
+#pragma unroll
+        for (int t = 0; t < kM; ++t) {
+          LdMatrixX4(qa[t], &qw[t * 16 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
+        }
+#pragma unroll
+        for (int np = 0; np < kKeyTile / 16; ++np) {
+          // Matrices: (keys 16 np + 0-7, d 0-7), (same keys, d 8-15), (keys + 8-15, d 0-7),
+          // (keys + 8-15, d 8-15): b0, b1 of key tile 2 np, then of 2 np + 1.
+          uint32_t r[4];
+          LdMatrixX4(r, &ks[np * 16 + (mi >> 1) * 8 + mr][kk * 16 + (mi & 1) * 8]);
+#pragma unroll
+          for (int t = 0; t < kM; ++t) {
+            Mma(s[t][2 * np], qa[t], r[0], r[1]);
+            Mma(s[t][2 * np + 1], qa[t], r[2], r[3]);
+          }
+        }
       }
+      // Online softmax, both m16 tiles phase by phase and the row max / row sum as trees, so that
+      // each warp has independent work between dependent instructions (2 warps per scheduler).
+      const bool diagonal = k0 + kKeyTile - 1 > wq;  // the tile crosses some row's diagonal
+      float mx[kM][2];
+#pragma unroll
+      for (int t = 0; t < kM; ++t) {
+        if (diagonal) {
+          const int32_t qp0 = wq + t * 16 + g, qp1 = qp0 + 8;
+#pragma unroll
+          for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+            const int32_t kp = k0 + nt * 8 + 2 * c;
+            if (kp > qp0) s[t][nt][0] = -INFINITY;
+            if (kp + 1 > qp0) s[t][nt][1] = -INFINITY;
+            if (kp > qp1) s[t][nt][2] = -INFINITY;
+            if (kp + 1 > qp1) s[t][nt][3] = -INFINITY;
+          }
+        }
+        float r0[kKeyTile / 8], r1[kKeyTile / 8];
+#pragma unroll
+        for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+          r0[nt] = fmaxf(s[t][nt][0], s[t][nt][1]);
+          r1[nt] = fmaxf(s[t][nt][2], s[t][nt][3]);
+        }
+#pragma unroll
+        for (int w = kKeyTile / 16; w > 0; w >>= 1) {
+#pragma unroll
+          for (int nt = 0; nt < w; ++nt) {
+            r0[nt] = fmaxf(r0[nt], r0[nt + w]);
+            r1[nt] = fmaxf(r1[nt], r1[nt + w]);
+          }
+        }
+        mx[t][0] = r0[0];
+        mx[t][1] = r1[0];
+      }
+#pragma unroll
       for (int off = 1; off < 4; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-      }
-      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-      const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-      const float corr0 = exp2f(m0 - mu0), corr1 = exp2f(m1 - mu1);
-      m0 = mn0;
-      m1 = mn1;
-      float sum0 = 0.0f, sum1 = 0.0f;
 #pragma unroll
-      for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-        s[nt][0] = exp2f(s[nt][0] - mu0);
-        s[nt][1] = exp2f(s[nt][1] - mu0);
-        s[nt][2] = exp2f(s[nt][2] - mu1);
-        s[nt][3] = exp2f(s[nt][3] - mu1);
-        sum0 += s[nt][0] + s[nt][1];
-        sum1 += s[nt][2] + s[nt][3];
+        for (int t = 0; t < kM; ++t) {
+          mx[t][0] = fmaxf(mx[t][0], __shfl_xor_sync(0xffffffffu, mx[t][0], off));
+          mx[t][1] = fmaxf(mx[t][1], __shfl_xor_sync(0xffffffffu, mx[t][1], off));
+        }
       }
-      l0 = l0 * corr0 + sum0;
-      l1 = l1 * corr1 + sum1;
+      uint32_t a[kM][kKeyTile / 16][4];  // P as bf16 A fragments
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][0] *= corr0;
-        o[dt][1] *= corr0;
-        o[dt][2] *= corr1;
-        o[dt][3] *= corr1;
+      for (int t = 0; t < kM; ++t) {
+        // Running maxima in log2 units (scale_log2 > 0, so max and scaling commute).
+        const float mn0 = fmaxf(m[t][0], mx[t][0] * scale_log2);
+        const float mn1 = fmaxf(m[t][1], mx[t][1] * scale_log2);
+        const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+        const float corr0 = Exp2(m[t][0] - mu0), corr1 = Exp2(m[t][1] - mu1);
+        m[t][0] = mn0;
+        m[t][1] = mn1;
+        float r0[kKeyTile / 8], r1[kKeyTile / 8];
+#pragma unroll
+        for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+          s[t][nt][0] = Exp2(fmaf(s[t][nt][0], scale_log2, -mu0));
+          s[t][nt][1] = Exp2(fmaf(s[t][nt][1], scale_log2, -mu0));
+          s[t][nt][2] = Exp2(fmaf(s[t][nt][2], scale_log2, -mu1));
+          s[t][nt][3] = Exp2(fmaf(s[t][nt][3], scale_log2, -mu1));
+          r0[nt] = s[t][nt][0] + s[t][nt][1];
+          r1[nt] = s[t][nt][2] + s[t][nt][3];
+        }
+#pragma unroll
+        for (int w = kKeyTile / 16; w > 0; w >>= 1) {
+#pragma unroll
+          for (int nt = 0; nt < w; ++nt) {
+            r0[nt] += r0[nt + w];
+            r1[nt] += r1[nt + w];
+          }
+        }
+        l[t][0] = l[t][0] * corr0 + r0[0];
+        l[t][1] = l[t][1] * corr1 + r1[0];
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          o[t][dt][0] *= corr0;
+          o[t][dt][1] *= corr0;
+          o[t][dt][2] *= corr1;
+          o[t][dt][3] *= corr1;
+        }
+#pragma unroll
+        for (int kv = 0; kv < kKeyTile / 16; ++kv) {
+          a[t][kv][0] = Pack(s[t][2 * kv][0], s[t][2 * kv][1]);
+          a[t][kv][1] = Pack(s[t][2 * kv][2], s[t][2 * kv][3]);
+          a[t][kv][2] = Pack(s[t][2 * kv + 1][0], s[t][2 * kv + 1][1]);
+          a[t][kv][3] = Pack(s[t][2 * kv + 1][2], s[t][2 * kv + 1][3]);
+        }
       }
 #pragma unroll
       for (int kv = 0; kv < kKeyTile / 16; ++kv) {
-        uint32_t a[4];
-        a[0] = Pack(s[2 * kv][0], s[2 * kv][1]);
-        a[1] = Pack(s[2 * kv][2], s[2 * kv][3]);
-        a[2] = Pack(s[2 * kv + 1][0], s[2 * kv + 1][1]);
-        a[3] = Pack(s[2 * kv + 1][2], s[2 * kv + 1][3]);
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {
           // Matrices: (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (8-15, 8-15)
           // of this 16 x 16 block: b0, b1 of d tile 2 dp, then of d tile 2 dp + 1.
           uint32_t r[4];
           LdMatrixX4Trans(r, &vs[kv * 16 + (mi & 1) * 8 + mr][dp * 16 + (mi >> 1) * 8]);
-          Mma(o[2 * dp], a, r[0], r[1]);
-          Mma(o[2 * dp + 1], a, r[2], r[3]);
+#pragma unroll
+          for (int t = 0; t < kM; ++t) {
+            Mma(o[t][2 * dp], a[t][kv], r[0], r[1]);
+            Mma(o[t][2 * dp + 1], a[t][kv], r[2], r[3]);
+          }
         }
       }
     }
     __syncthreads();  // every warp is done with `stage` before it is loaded again
   }
-  for (int off = 1; off < 4; off <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-  }
-  const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+  // Normalised rows go through this warp's own rows of the Q tile, then out as 16-byte stores (a
+  // row's D * 2 bytes contiguous) instead of scattered 4-byte ones.
+  Row* ow = q_s + warp * kWarpRows;
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    const int d = dt * 8 + 2 * c;
-    if (r0 < nq) {
-      *reinterpret_cast<uint32_t*>(out + (q0 + r0) * q_stride + h * D + d) =
-          Pack(o[dt][0] * inv0, o[dt][1] * inv0);
+  for (int t = 0; t < kM; ++t) {
+    float l0 = l[t][0], l1 = l[t][1];
+    for (int off = 1; off < 4; off <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, off);
     }
-    if (r1 < nq) {
-      *reinterpret_cast<uint32_t*>(out + (q0 + r1) * q_stride + h * D + d) =
-          Pack(o[dt][2] * inv1, o[dt][3] * inv1);
+    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int d = dt * 8 + 2 * c;
+      *reinterpret_cast<uint32_t*>(&ow[t * 16 + g][d]) =
+          Pack(o[t][dt][0] * inv0, o[t][dt][1] * inv0);
+      *reinterpret_cast<uint32_t*>(&ow[t * 16 + g + 8][d]) =
+          Pack(o[t][dt][2] * inv1, o[t][dt][3] * inv1);
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = lane; i < kWarpRows * kChunks; i += 32) {
+    const int r = i / kChunks, d8 = (i % kChunks) * 8;
+    if (warp * kWarpRows + r < nq) {
+      *reinterpret_cast<uint4*>(out + (q0 + warp * kWarpRows + r) * q_stride + h * D + d8) =
+          *reinterpret_cast<const uint4*>(&ow[r][d8]);
     }
   }
 }
@@ -718,33 +817,44 @@ cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, cons
 
 bool PrefillSupported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 
+namespace {
+template <int D>
+cudaError_t LaunchPrefill(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache,
+                          const AttnBatch& batch, const int2* tiles, int32_t count, int num_heads,
+                          int num_kv_heads, float scale_log2, bf16_t* out, cudaStream_t stream) {
+  constexpr size_t kSmem = PrefillSmemBytes<D>();
+  static const cudaError_t attr = [] {
+    const cudaError_t e = cudaFuncSetAttribute(
+        PrefillKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
+    if (e != cudaSuccess) return e;
+    return cudaFuncSetAttribute(PrefillKernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                static_cast<int>(cudaSharedmemCarveoutMaxShared));
+  }();
+  if (attr != cudaSuccess) return attr;
+  const dim3 grid(static_cast<unsigned>(num_heads), static_cast<unsigned>(count));
+  PrefillKernel<D><<<grid, kPrefillWarps * 32, kSmem, stream>>>(
+      q, k_cache, v_cache, batch, tiles, num_heads, num_kv_heads, scale_log2, out);
+  return cudaGetLastError();
+}
+}  // namespace
+
 cudaError_t PagedAttentionPrefill(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache,
                                   const AttnBatch& batch, const int2* tiles, int32_t count,
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                   float scale, bf16_t* out, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
+  if (count > 65535) return cudaErrorInvalidValue;  // tiles on grid.y
   const float scale_log2 = scale * 1.4426950408889634f;
-  dim3 grid(count, static_cast<unsigned>(num_heads));
+  const int h = static_cast<int>(num_heads), kv = static_cast<int>(num_kv_heads);
   if (head_dim == 64) {
-    static const cudaError_t attr =
-        cudaFuncSetAttribute(PrefillKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(PrefillSmemBytes<64>()));
-    if (attr != cudaSuccess) return attr;
-    PrefillKernel<64><<<grid, kPrefillWarps * 32, PrefillSmemBytes<64>(), stream>>>(
-        q, k_cache, v_cache, batch, tiles, static_cast<int>(num_heads),
-        static_cast<int>(num_kv_heads), scale_log2, out);
-  } else if (head_dim == 128) {
-    static const cudaError_t attr =
-        cudaFuncSetAttribute(PrefillKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(PrefillSmemBytes<128>()));
-    if (attr != cudaSuccess) return attr;
-    PrefillKernel<128><<<grid, kPrefillWarps * 32, PrefillSmemBytes<128>(), stream>>>(
-        q, k_cache, v_cache, batch, tiles, static_cast<int>(num_heads),
-        static_cast<int>(num_kv_heads), scale_log2, out);
-  } else {
-    return cudaErrorInvalidValue;
+    return LaunchPrefill<64>(q, k_cache, v_cache, batch, tiles, count, h, kv, scale_log2, out,
+                             stream);
   }
-  return cudaGetLastError();
+  if (head_dim == 128) {
+    return LaunchPrefill<128>(q, k_cache, v_cache, batch, tiles, count, h, kv, scale_log2, out,
+                              stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace qilin::cuda

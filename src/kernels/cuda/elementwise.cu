@@ -88,6 +88,37 @@ __global__ void SiluMul4Kernel(const float* gu, int64_t inter, bf16_t* out) {
   *reinterpret_cast<uint2*>(out + r * inter + j) = v;
 }
 
+__device__ __forceinline__ float Silu(float g) { return g / (1.0f + expf(-g)); }
+
+// bf16 gate|up: rows on blockIdx.y, 8 columns per thread: 16-byte loads of gate and up, a 16-byte
+// store (6 bytes per output against the f32 kernels' 10).
+__global__ void SiluMulBf16x8Kernel(const bf16_t* gu, int64_t inter, bf16_t* out) {
+  const int64_t r = blockIdx.y;
+  const int64_t j = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
+  if (j >= inter) return;
+  const uint4 g = *reinterpret_cast<const uint4*>(gu + r * 2 * inter + j);
+  const uint4 u = *reinterpret_cast<const uint4*>(gu + r * 2 * inter + inter + j);
+  const auto* g2 = reinterpret_cast<const __nv_bfloat162*>(&g);
+  const auto* u2 = reinterpret_cast<const __nv_bfloat162*>(&u);
+  uint4 v;
+  auto* v2 = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 gf = __bfloat1622float2(g2[i]), uf = __bfloat1622float2(u2[i]);
+    v2[i] = __floats2bfloat162_rn(Silu(gf.x) * uf.x, Silu(gf.y) * uf.y);
+  }
+  *reinterpret_cast<uint4*>(out + r * inter + j) = v;
+}
+
+__global__ void SiluMulBf16Kernel(const bf16_t* gu, int64_t n, int64_t inter, bf16_t* out) {
+  const int64_t total = n * inter;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / inter, j = i - r * inter;
+    St(out, i, Silu(Ld(gu, r * 2 * inter + j)) * Ld(gu, r * 2 * inter + inter + j));
+  }
+}
+
 // One block per token, one warp per head (q heads, then k heads, then v heads).
 __global__ void RopeWriteKvKernel(const float* qkv, int64_t num_heads, int64_t num_kv_heads,
                                   int64_t head_dim, const bf16_t* q_norm, const bf16_t* k_norm,
@@ -204,6 +235,19 @@ cudaError_t SiluMul(const float* gu, int64_t n, int64_t inter, bf16_t* out, cuda
     return cudaGetLastError();
   }
   SiluMulKernel<<<GridFor(n * inter, 256), 256, 0, stream>>>(gu, n, inter, out);
+  return cudaGetLastError();
+}
+
+cudaError_t SiluMul(const bf16_t* gu, int64_t n, int64_t inter, bf16_t* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const bool aligned =
+      ((reinterpret_cast<uintptr_t>(gu) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
+  if (inter % 8 == 0 && n <= 65535 && aligned) {
+    const dim3 grid(static_cast<unsigned>((inter / 8 + 127) / 128), static_cast<unsigned>(n));
+    SiluMulBf16x8Kernel<<<grid, 128, 0, stream>>>(gu, inter, out);
+    return cudaGetLastError();
+  }
+  SiluMulBf16Kernel<<<GridFor(n * inter, 256), 256, 0, stream>>>(gu, n, inter, out);
   return cudaGetLastError();
 }
 

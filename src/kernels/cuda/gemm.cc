@@ -135,7 +135,7 @@ Status Gemm::Linear(const void* x, int64_t n, int64_t in, const void* w, int64_t
 }
 
 Status Gemm::LinearSwiGlu(const void* x, int64_t n, int64_t in, const void* w_gate_up,
-                          int64_t inter, float* gu, void* out, cudaStream_t stream) {
+                          int64_t inter, void* gu, void* out, cudaStream_t stream) {
   if (n == 0) return Status::Ok();
   if (n <= gemv_max_rows_ && GemvSupported(n, in, x, w_gate_up)) {
     return CudaStatus(
@@ -143,8 +143,12 @@ Status Gemm::LinearSwiGlu(const void* x, int64_t n, int64_t in, const void* w_ga
                    inter, static_cast<bf16_t*>(out), stream),
         "skinny gate|up GEMM + SwiGLU");
   }
-  QILIN_RETURN_IF_ERROR(Linear(x, n, in, w_gate_up, 2 * inter, nullptr, gu, true, stream));
-  return CudaStatus(SiluMul(gu, n, inter, static_cast<bf16_t*>(out), stream), "SiluMul");
+  const bool bf16 = n >= swiglu_bf16_min_rows_;
+  QILIN_RETURN_IF_ERROR(Linear(x, n, in, w_gate_up, 2 * inter, nullptr, gu, !bf16, stream));
+  auto* o = static_cast<bf16_t*>(out);
+  return CudaStatus(bf16 ? SiluMul(static_cast<const bf16_t*>(gu), n, inter, o, stream)
+                         : SiluMul(static_cast<const float*>(gu), n, inter, o, stream),
+                    "SiluMul");
 }
 
 }  // namespace qilin::cuda

@@ -28,10 +28,17 @@ class Gemm {
                 void* y, bool y_f32, cudaStream_t stream);
 
   // SwiGLU's fused gate|up projection: out[n, inter] = bf16(silu(x gate^T) * (x up^T)), with
-  // w_gate_up [2 * inter, in]. Small n: one skinny kernel; else a GEMM into `gu` (f32
-  // [n, 2 * inter]) and SiluMul.
+  // w_gate_up [2 * inter, in]. Small n: one skinny kernel; else a GEMM into `gu` ([n, 2 * inter],
+  // room for f32) and SiluMul: gate and up in f32, or in bf16 from swiglu_bf16_min_rows() rows on
+  // (prefill: half the bytes written and read back; golden qwen2 error 1.69e-2 vs 1.96e-2 in f32).
   Status LinearSwiGlu(const void* x, int64_t n, int64_t in, const void* w_gate_up, int64_t inter,
-                      float* gu, void* out, cudaStream_t stream);
+                      void* gu, void* out, cudaStream_t stream);
+
+  // Smallest n whose gate|up output is bf16 (0: always; a huge value: never). Default: prefill-
+  // sized steps; smaller (decode) batches keep f32 gate|up, one rounding fewer.
+  static constexpr int64_t kSwiGluBf16MinRows = 256;
+  int64_t swiglu_bf16_min_rows() const { return swiglu_bf16_min_rows_; }
+  void set_swiglu_bf16_min_rows(int64_t rows) { swiglu_bf16_min_rows_ = rows; }
 
   // Largest n sent to the skinny kernel (0: cuBLASLt always; at most kGemvMaxRows).
   int gemv_max_rows() const { return gemv_max_rows_; }
@@ -56,6 +63,7 @@ class Gemm {
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   int gemv_max_rows_ = 2;  // H200: the skinny kernel wins at n <= 2, cuBLASLt from 4
+  int64_t swiglu_bf16_min_rows_ = kSwiGluBf16MinRows;
   std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool>, Plan> plans_;
 };
 

@@ -24,8 +24,9 @@ cudaError_t AddRmsNorm(float* x, const float* y, const int32_t* rows, int64_t n,
                        const bf16_t* w, float eps, bf16_t* out, cudaStream_t stream);
 
 // out[i, j] = bf16(silu(gu[i, j]) * gu[i, inter + j]); gu is the fused gate|up GEMM output
-// [n, 2 * inter] in f32. Reads 8 and writes 2 bytes per output.
+// [n, 2 * inter] in f32 (reads 8 and writes 2 bytes per output) or in bf16 (reads 4, writes 2).
 cudaError_t SiluMul(const float* gu, int64_t n, int64_t inter, bf16_t* out, cudaStream_t stream);
+cudaError_t SiluMul(const bf16_t* gu, int64_t n, int64_t inter, bf16_t* out, cudaStream_t stream);
 
 // Rope tables: `inv_freq` [num_tables, head_dim / 2] f32 and `attn_scale` [num_tables] (yarn's
 // cos/sin factor); token t uses table `table_of[t]`. Filled by the host from cpu::ComputeRopeFreqs
@@ -83,11 +84,12 @@ cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, cons
                                     cudaStream_t stream);
 
 // Tensor-core (mma.sync bf16) flash attention for prefill and chunked prefill: `tiles` [count]
-// lists (sequence, first query token) pairs as int2, each a tile of up to 64 query tokens of one
-// sequence; keys come from the paged cache (cached prefix and the new tokens, written before).
-// Causal by positions; online softmax in f32. head_dim 64 or 128 only (PrefillSupported).
+// lists (sequence, first query token) pairs as int2, each a tile of up to kPrefillTileQ query
+// tokens of one sequence (at most 65535 tiles); keys come from the paged cache (cached prefix and
+// the new tokens, written before). Causal by positions; online softmax in f32. head_dim 64 or 128
+// only (PrefillSupported).
 bool PrefillSupported(int64_t head_dim);
-inline constexpr int kPrefillTileQ = 64;
+inline constexpr int kPrefillTileQ = 128;
 cudaError_t PagedAttentionPrefill(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache,
                                   const AttnBatch& batch, const int2* tiles, int32_t count,
                                   int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
