@@ -7,12 +7,14 @@
 #include <array>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/sampling.h"
 #include "model/config.h"
 #include "model/weights.h"
 #include "runtime/backend.h"
@@ -53,6 +55,9 @@ class CudaBackend : public Backend {
   Status AllocateKvCache(const KvCacheLayout& layout) override;
   const KvCacheLayout& kv_layout() const override { return layout_; }
   Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
+  bool SupportsDeviceSampling() const override { return true; }
+  Status ForwardSample(const ForwardBatch& batch, std::span<const DeviceSampleSpec> specs,
+                       std::vector<DeviceSampleResult>* results) override;
   Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) override;
 
   // Bytes of weights on the device.
@@ -63,6 +68,10 @@ class CudaBackend : public Backend {
   // Switches the skinny GEMM threshold (CudaBackendOptions::gemv_max_rows) and drops the graphs
   // captured with the old one; for benchmarks comparing the two paths.
   Status SetGemvMaxRows(int rows);
+  // Samples host-given logits rows [specs.size(), vocab] on the device as ForwardSample does
+  // after its lm_head (for tests against the CPU sampler).
+  Status SampleLogits(const float* logits, std::span<const DeviceSampleSpec> specs,
+                      std::vector<DeviceSampleResult>* results);
   // Switches CudaBackendOptions::decode_attention_mma (drops the captured graphs).
   Status SetDecodeAttentionMma(bool on);
 
@@ -97,6 +106,13 @@ class CudaBackend : public Backend {
   // Runs embedding .. lm_head for the inputs already on the device at `il`.
   Status RunStep(const InputLayout& il, const StepShape& shape);
   void DropGraphs();
+  Status ForwardImpl(const ForwardBatch& batch, std::vector<float>* logits,
+                     std::span<const DeviceSampleSpec> specs,
+                     std::vector<DeviceSampleResult>* results);
+  // Sampling inputs of a step: per-row parameters and processor entries, to the device.
+  Status UploadSampleInputs(std::span<const DeviceSampleSpec> specs);
+  // Samples logits_ rows [0, rows) as specs rows [r0, r0 + rows) and fills their results.
+  Status SampleChunk(int32_t r0, int32_t rows, std::vector<DeviceSampleResult>* results);
 
   ModelConfig config_;
   CudaBackendOptions options_;
@@ -128,6 +144,15 @@ class CudaBackend : public Backend {
   char* host_in_ = nullptr;
   char* dev_in_ = nullptr;
   size_t in_bytes_ = 0;
+
+  // Device sampling: [rows] SampleRowParams, [entries] SampleEntry, [entries] saved floats,
+  // [rows] SampleRowOut; pinned host staging of the same layout.
+  char* sample_host_ = nullptr;
+  char* sample_dev_ = nullptr;
+  size_t sample_bytes_ = 0;
+  size_t sample_entries_off_ = 0, sample_saved_off_ = 0, sample_out_off_ = 0;
+  std::vector<int32_t> entry_flags_, entry_out_;  // [vocab] scratch, zero between rows
+  std::vector<int32_t> entry_tokens_;
 
   std::vector<float> base_inv_freq_;
   float base_attn_scale_ = 1.0f;
