@@ -80,6 +80,10 @@ CudaBackend::~CudaBackend() {
   if (host_in_) cudaFreeHost(host_in_);
   if (dev_in_) cudaFree(dev_in_);
   if (sample_host_) cudaFreeHost(sample_host_);
+  for (int i = 0; i < 2; ++i) {
+    if (stage_[i]) cudaFreeHost(stage_[i]);
+    if (stage_done_[i]) cudaEventDestroy(stage_done_[i]);
+  }
   if (sample_dev_) cudaFree(sample_dev_);
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -658,6 +662,53 @@ Status CudaBackend::UploadSampleInputs(std::span<const DeviceSampleSpec> specs) 
   return Status::Ok();
 }
 
+Status CudaBackend::CopyLogitsToHost(float* dst, int32_t rows) {
+  const size_t row_bytes = static_cast<size_t>(config_.vocab_size) * sizeof(float);
+  const int threads = options_.host_copy_threads;
+  if (threads <= 0) {
+    QILIN_CUDA_RETURN(
+        cudaMemcpyAsync(dst, logits_, rows * row_bytes, cudaMemcpyDeviceToHost, stream_),
+        "cudaMemcpy(logits)");
+    return Status::Ok();
+  }
+  const int32_t piece = static_cast<int32_t>(std::max<size_t>(1, kStageBytes / row_bytes));
+  if (!stage_[0]) {
+    for (int i = 0; i < 2; ++i) {
+      QILIN_CUDA_RETURN(cudaMallocHost(&stage_[i], piece * row_bytes), "cudaMallocHost(logits)");
+      QILIN_CUDA_RETURN(cudaEventCreateWithFlags(&stage_done_[i], cudaEventDisableTiming),
+                        "cudaEventCreate");
+    }
+  }
+  const int32_t pieces = (rows + piece - 1) / piece;
+  auto issue = [&](int32_t i) -> Status {
+    const int32_t r0 = i * piece, rn = std::min(piece, rows - r0);
+    QILIN_CUDA_RETURN(
+        cudaMemcpyAsync(stage_[i % 2], logits_ + static_cast<size_t>(r0) * config_.vocab_size,
+                        rn * row_bytes, cudaMemcpyDeviceToHost, stream_),
+        "cudaMemcpy(logits)");
+    QILIN_CUDA_RETURN(cudaEventRecord(stage_done_[i % 2], stream_), "cudaEventRecord");
+    return Status::Ok();
+  };
+  if (pieces > 0) QILIN_RETURN_IF_ERROR(issue(0));
+  for (int32_t i = 0; i < pieces; ++i) {
+    // Stage (i + 1) % 2 was emptied by the previous iteration: its DMA overlaps this copy-out.
+    if (i + 1 < pieces) QILIN_RETURN_IF_ERROR(issue(i + 1));
+    QILIN_CUDA_RETURN(cudaEventSynchronize(stage_done_[i % 2]), "logits to host");
+    const int32_t r0 = i * piece, rn = std::min(piece, rows - r0);
+    const char* src = reinterpret_cast<const char*>(stage_[i % 2]);
+    char* out = reinterpret_cast<char*>(dst + static_cast<size_t>(r0) * config_.vocab_size);
+    const size_t bytes = rn * row_bytes;
+    constexpr size_t kBlock = size_t{256} << 10;
+    const int64_t blocks = static_cast<int64_t>((bytes + kBlock - 1) / kBlock);
+#pragma omp parallel for schedule(static) num_threads(threads) if (blocks > 1 && threads > 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const size_t o = static_cast<size_t>(b) * kBlock;
+      std::memcpy(out + o, src + o, std::min(kBlock, bytes - o));
+    }
+  }
+  return Status::Ok();
+}
+
 Status CudaBackend::SampleChunk(int32_t r0, int32_t rows,
                                 std::vector<DeviceSampleResult>* results) {
   const int64_t vocab = config_.vocab_size;
@@ -904,10 +955,7 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
     if (m > 0 && sample) {
       QILIN_RETURN_IF_ERROR(SampleChunk(0, m, results));
     } else if (m > 0) {
-      QILIN_CUDA_RETURN(
-          cudaMemcpyAsync(logits->data(), logits_, static_cast<size_t>(m) * c.vocab_size * 4,
-                          cudaMemcpyDeviceToHost, stream_),
-          "cudaMemcpy(logits)");
+      QILIN_RETURN_IF_ERROR(CopyLogitsToHost(logits->data(), m));
     }
   } else {
     // Layers once; lm_head in chunks of kLogitsChunk rows (the rows are already on the device).
@@ -927,10 +975,8 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
         QILIN_RETURN_IF_ERROR(SampleChunk(r0, rc, results));
         continue;
       }
-      QILIN_CUDA_RETURN(cudaMemcpyAsync(logits->data() + static_cast<size_t>(r0) * c.vocab_size,
-                                        logits_, static_cast<size_t>(rc) * c.vocab_size * 4,
-                                        cudaMemcpyDeviceToHost, stream_),
-                        "cudaMemcpy(logits)");
+      QILIN_RETURN_IF_ERROR(
+          CopyLogitsToHost(logits->data() + static_cast<size_t>(r0) * c.vocab_size, rc));
     }
   }
   QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "Forward");

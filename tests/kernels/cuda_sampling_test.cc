@@ -257,6 +257,49 @@ TEST(CudaSampling, AllMaskedRowGivesTokenZero) {
   EXPECT_EQ(got[1].token, 0);
 }
 
+// Forward (logits to the host through the pinned staging, several pieces at this vocab) and
+// ForwardSample on the same batch: the device's greedy tokens and logprobs are the host's.
+TEST(CudaSampling, ForwardSampleMatchesForwardLogits) {
+  SKIP_WITHOUT_GPU();
+  const int32_t vocab = 152064, seqs = 40, bs = 8;
+  auto be = CudaBackend::CreateDummy(TinyConfig(vocab), 4, 0.05f);
+  ASSERT_TRUE(be.ok());
+  ASSERT_TRUE((*be)->AllocateKvCache({seqs * 2, bs}).ok());
+  ForwardBatch b;
+  b.query_start = {0};
+  b.max_blocks_per_seq = 1;
+  for (int32_t s = 0; s < seqs; ++s) {
+    for (int32_t p = 0; p < 3; ++p) {
+      b.token_ids.push_back((s * 977 + p * 131) % vocab);
+      b.positions.push_back(p);
+      b.slot_mapping.push_back(int64_t{s} * bs + p);
+    }
+    b.query_start.push_back(b.num_tokens());
+    b.context_lens.push_back(3);
+    b.prompt_lens.push_back(3);
+    b.block_tables.push_back(s);
+    b.logits_indices.push_back(b.num_tokens() - 1);
+  }
+  std::vector<float> logits(7, std::numeric_limits<float>::quiet_NaN());
+  ASSERT_TRUE((*be)->Forward(b, &logits).ok());
+  ASSERT_EQ(logits.size(), static_cast<size_t>(seqs) * vocab);
+  std::vector<DeviceSampleSpec> specs(seqs);
+  for (auto& d : specs) d.logprobs = 0;
+  std::vector<DeviceSampleResult> got;
+  ASSERT_TRUE((*be)->ForwardSample(b, specs, &got).ok());
+  ASSERT_EQ(got.size(), static_cast<size_t>(seqs));
+  for (int32_t s = 0; s < seqs; ++s) {
+    const float* row = logits.data() + static_cast<size_t>(s) * vocab;
+    int32_t best = 0;
+    for (int32_t i = 0; i < vocab; ++i) {
+      ASSERT_FALSE(std::isnan(row[i])) << s << " " << i;
+      if (row[i] > row[best]) best = i;
+    }
+    EXPECT_EQ(got[s].token, best) << s;
+    EXPECT_NEAR(got[s].logprob, Sampler::LogSoftmaxAt(row, vocab, best), 1e-4) << s;
+  }
+}
+
 // The engine on the GPU: device sampling on and off give the same tokens and logprobs.
 TEST(CudaSampling, EngineSameOutputsWithAndWithoutDeviceSampling) {
   SKIP_WITHOUT_GPU();
