@@ -5,8 +5,11 @@
 //   one 4096-token prefill vs 2 * params * tokens / matmul rate;
 //   64 concurrent sequences of 128/128, 2048/128 and 128/2048 prompt/generated tokens through the
 //   backend, each beside prefill FLOPs / matmul rate + per-step (weights + KV) bytes / bandwidth;
+//   their decode steps sample greedily on the device (ForwardSample), and a few steps with the
+//   logits copied to the host are timed beside them;
 //   batch-1 decode with cuBLASLt vs the skinny GEMM kernel and both decode attention kernels;
-//   first, a per-op profile (time, GB/s or TFLOP/s, share of a step) at the model's shapes.
+//   first, a per-op profile (time, GB/s or TFLOP/s, share of a step) at the model's shapes,
+//   including one batch-64 decode step op by op.
 // Usage: qilin_bench_cuda_decode [--model configs/qwen2.5-7b] [--decode-steps 256] [--profile 0|1]
 //                                [--long 0|1]  (--long 0: only the 128/128 workload)
 #include <cuda_runtime.h>
@@ -20,6 +23,7 @@
 
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/sampling.h"
 #include "model/config.h"
 #include "runtime/cuda_backend.h"
 
@@ -280,6 +284,110 @@ void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double 
     cudaFree(d_tab);
     cudaFree(d_tiles);
   }
+  // One decode step at batch 64 (context 128), op by op: where the step goes beyond the weights.
+  {
+    const int64_t B = 64;
+    const int32_t ctx = 128, bs = 32, per = ctx / bs;
+    double sum_ms = 0;
+    auto row64 = [&](const char* op, double t, double bytes, double per_step) {
+      row(op, B, t, bytes, 0, per_step);
+      sum_ms += t * per_step * 1e3;
+    };
+    for (const Shape& s : shapes) {
+      gemm.set_gemv_max_rows(cuda::Gemm().gemv_max_rows());
+      const double bytes = 2.0 * s.in * s.out + 2.0 * B * s.in + 4.0 * B * s.out;
+      const double t = time([&](int i) {
+        Check(gemm.Linear(xa, B, s.in, slice(s.in * s.out, i), s.out, nullptr, yf, true, st));
+      });
+      char name[64];
+      std::snprintf(name, sizeof name, "b64 %s", s.per_step == 1.0 ? "lm_head (64 rows)" : s.name);
+      row64(name, t, bytes, s.per_step);
+    }
+    double t = time([&](int) { Check(cuda::SiluMul(gu, B, inter, xb, st), "silu"); });
+    row64("b64 silu*mul", t, B * inter * 10.0, double(L));
+    t = time([&](int) { Check(cuda::AddRmsNorm(yf, gu, nullptr, B, h, w, 1e-6f, xb, st), "n"); });
+    row64("b64 add + rmsnorm", t, B * h * 14.0, 2.0 * L);
+    // Decode attention: 64 sequences of 128 keys each, own blocks.
+    cuda::bf16_t* kv;
+    const int64_t toks = B * ctx;
+    Check(cudaMalloc(&kv, 2 * toks * kvs * 2), "malloc");
+    Check(cuda::FillRandomBf16(kv, 2 * toks * kvs, 11, 0.0f, 1.0f, st), "fill");
+    std::vector<int32_t> qstart(B + 1), seq_of(B), pos(B, ctx - 1), table(B * per), dec(B);
+    for (int32_t s = 0; s <= B; ++s) qstart[s] = s;
+    for (int32_t s = 0; s < B; ++s) seq_of[s] = dec[s] = s;
+    for (int32_t b = 0; b < B * per; ++b) table[b] = b;
+    int32_t *d_qs, *d_seq, *d_pos, *d_tab, *d_dec;
+    Check(cudaMalloc(&d_qs, (B + 1) * 4), "malloc");
+    Check(cudaMalloc(&d_seq, B * 4), "malloc");
+    Check(cudaMalloc(&d_pos, B * 4), "malloc");
+    Check(cudaMalloc(&d_tab, B * per * 4), "malloc");
+    Check(cudaMalloc(&d_dec, B * 4), "malloc");
+    cudaMemcpy(d_qs, qstart.data(), (B + 1) * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_seq, seq_of.data(), B * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_pos, pos.data(), B * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_tab, table.data(), B * per * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_dec, dec.data(), B * 4, cudaMemcpyHostToDevice);
+    cuda::AttnBatch ab;
+    ab.query_start = d_qs;
+    ab.seq_of = d_seq;
+    ab.positions = d_pos;
+    ab.block_tables = d_tab;
+    ab.table_stride = per;
+    ab.block_size = bs;
+    float* partial;
+    Check(cudaMalloc(&partial, cuda::DecodePartialFloats(B, c.num_heads, c.head_dim) * 4), "m");
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    t = time([&](int) {
+      Check(cuda::PagedAttentionDecodeMma(xa, kv, kv + toks * kvs, ab, d_dec, B, cuda::kMaxSplits,
+                                          c.num_heads, c.num_kv_heads, c.head_dim, scale, partial,
+                                          xb, st),
+            "decode attention");
+    });
+    row64("b64 decode attn ctx 128 mma", t, 2.0 * toks * kvs * 2, double(L));
+    // Greedy sampling of the 64 logits rows on the device.
+    float* lg;
+    cuda::SampleRowParams* d_par;
+    cuda::SampleEntry* d_ent;
+    float* d_sav;
+    cuda::SampleRowOut* d_out;
+    Check(cudaMalloc(&lg, B * V * 4), "malloc");
+    Check(cuda::FillRandomF32(lg, B * V, 12, 0.0f, 3.0f, st), "fill");
+    Check(cudaMalloc(&d_par, B * sizeof(cuda::SampleRowParams)), "malloc");
+    Check(cudaMalloc(&d_ent, sizeof(cuda::SampleEntry)), "malloc");
+    Check(cudaMalloc(&d_sav, 4), "malloc");
+    Check(cudaMalloc(&d_out, B * sizeof(cuda::SampleRowOut)), "malloc");
+    std::vector<cuda::SampleRowParams> par(B);
+    cudaMemcpy(d_par, par.data(), B * sizeof(cuda::SampleRowParams), cudaMemcpyHostToDevice);
+    t = time([&](int) {
+      Check(cuda::SampleRows(lg, static_cast<int32_t>(V), B, d_par, d_ent, d_sav, d_out, st), "s");
+    });
+    row64("b64 greedy sampling (device)", t, B * V * 4.0, 1.0);
+    for (auto& q : par) {
+      q.greedy = 0;
+      q.temperature = 0.8f;
+      q.top_k = 50;
+      q.top_p = 0.9f;
+    }
+    cudaMemcpy(d_par, par.data(), B * sizeof(cuda::SampleRowParams), cudaMemcpyHostToDevice);
+    t = time([&](int) {
+      Check(cuda::SampleRows(lg, static_cast<int32_t>(V), B, d_par, d_ent, d_sav, d_out, st), "s");
+    });
+    row("b64 top-k 50 top-p 0.9 sampling", B, t, B * V * 4.0, 0, 0);
+    std::printf("%-34s %6lld %10s %12s %7s %9.3f\n", "b64 sum of the ops above", (long long)B, "",
+                "", "", sum_ms);
+    cudaFree(lg);
+    cudaFree(d_par);
+    cudaFree(d_ent);
+    cudaFree(d_sav);
+    cudaFree(d_out);
+    cudaFree(partial);
+    cudaFree(kv);
+    cudaFree(d_qs);
+    cudaFree(d_seq);
+    cudaFree(d_pos);
+    cudaFree(d_tab);
+    cudaFree(d_dec);
+  }
   std::printf("(bandwidth %.0f GB/s, matmul %.0f TFLOP/s measured above)\n", bandwidth / 1e9,
               matmul / 1e12);
   cudaFree(w);
@@ -415,7 +523,14 @@ int main(int argc, char** argv) {
   struct Workload {
     int in, out;
     double tps = 0, prefill_s = 0, step_ms = 0, limit_tps = 0, logits_ms = 0;
+    double pinned_ms = 0, host_step_ms = 0;
   };
+  // Host-logits decode steps of the first workload by CudaBackendOptions::host_copy_threads.
+  const int copy_threads[] = {0, 1, 2, 4, 8};
+  double copy_step_ms[5] = {};
+  // Decode steps sample greedily on the device (Backend::ForwardSample): token ids come back.
+  const std::vector<DeviceSampleSpec> greedy_specs(64);
+  std::vector<DeviceSampleResult> sampled;
   std::vector<Workload> loads = {{128, 128}};
   if (long_runs) loads.insert(loads.end(), {{2048, 128}, {128, 2048}});
   for (Workload& wl : loads) {
@@ -439,9 +554,32 @@ int main(int argc, char** argv) {
     const auto b = Clock::now();
     for (int i = 0; i < wl.out - 1; ++i) {
       ForwardBatch d = MakeBatch(seqs, 1, bs, &next, vocab);
-      Check(backend.Forward(d, &logits));
+      Check(backend.ForwardSample(d, greedy_specs, &sampled));
     }
     const auto c = Clock::now();
+    // For comparison: a few more steps with the logits copied to the host (the host sampler's
+    // path; the copy goes to pageable memory, std::vector).
+    {
+      const int k = 8;
+      const auto h0 = Clock::now();
+      for (int i = 0; i < k; ++i) {
+        ForwardBatch d = MakeBatch(seqs, 1, bs, &next, vocab);
+        Check(backend.Forward(d, &logits));
+      }
+      wl.host_step_ms = Seconds(h0, Clock::now()) / k * 1e3;
+      for (int v = 0; &wl == &loads[0] && v < 5; ++v) {
+        backend.SetHostCopyThreads(copy_threads[v]);
+        ForwardBatch d = MakeBatch(seqs, 1, bs, &next, vocab);
+        Check(backend.Forward(d, &logits));  // staging allocated, threads started
+        const auto v0 = Clock::now();
+        for (int i = 0; i < k; ++i) {
+          ForwardBatch e = MakeBatch(seqs, 1, bs, &next, vocab);
+          Check(backend.Forward(e, &logits));
+        }
+        copy_step_ms[v] = Seconds(v0, Clock::now()) / k * 1e3;
+      }
+      backend.SetHostCopyThreads(CudaBackendOptions().host_copy_threads);
+    }
     wl.prefill_s = Seconds(a, b);
     wl.step_ms = Seconds(b, c) / (wl.out - 1) * 1e3;
     wl.tps = double(S) * wl.out / Seconds(a, c);
@@ -462,6 +600,15 @@ int main(int argc, char** argv) {
                      cudaMemcpyAsync(host.data(), dev, host.size() * 4, cudaMemcpyDeviceToHost, st);
                    }) *
         1e3;
+    float* pinned;
+    Check(cudaMallocHost(&pinned, host.size() * 4), "malloc host");
+    Check(cudaMalloc(&dev, host.size() * 4), "malloc");
+    wl.pinned_ms =
+        TimeEvents(
+            st, 5,
+            [&] { cudaMemcpyAsync(pinned, dev, host.size() * 4, cudaMemcpyDeviceToHost, st); }) *
+        1e3;
+    cudaFreeHost(pinned);
     cudaFree(dev);
   }
 
@@ -496,9 +643,16 @@ int main(int argc, char** argv) {
     std::snprintf(name, sizeof name, "64 x (%d in / %d out), backend only", wl.in, wl.out);
     std::printf("%-44s %10.0f tok/s %8.0f tok/s %7.1f%%\n", name, wl.tps, wl.limit_tps,
                 100 * wl.tps / wl.limit_tps);
-    std::printf("  prefill %.1f ms, decode step %.2f ms (of which logits to host %.2f ms)\n",
-                wl.prefill_s * 1e3, wl.step_ms, wl.logits_ms);
+    std::printf(
+        "  prefill %.1f ms, decode step %.2f ms with greedy sampling on the device; %.2f ms with "
+        "the logits to the host (a 64-row logits copy: %.2f ms pageable, %.2f ms pinned)\n",
+        wl.prefill_s * 1e3, wl.step_ms, wl.host_step_ms, wl.logits_ms, wl.pinned_ms);
   }
+  std::printf(
+      "batch-64 decode step with the logits to the host, by host_copy_threads "
+      "(0: pageable cudaMemcpy; N: pinned staging, N threads copy out):");
+  for (int v = 0; v < 5; ++v) std::printf(" %d: %.2f ms;", copy_threads[v], copy_step_ms[v]);
+  std::printf("\n");
   cudaStreamDestroy(st);
   return 0;
 }

@@ -317,10 +317,20 @@ Status Engine::Step() {
   const int64_t t1 = NowNs();
   schedule_ns_ += t1 - t0;
   Status st;
+  const bool device = config_.device_sampling && backend_.SupportsDeviceSampling() &&
+                      !batch_.logits_indices.empty() && BuildDeviceSpecs(out);
   if (!out.copies.empty()) st = backend_.CopyKvBlocks(out.copies);
-  if (st.ok()) st = backend_.Forward(batch_, &logits_);
+  if (st.ok()) {
+    st = device ? backend_.ForwardSample(batch_, device_specs_, &device_results_)
+                : backend_.Forward(batch_, &logits_);
+  }
   forward_ns_ += NowNs() - t1;
-  if (st.ok() && logits_.size() != batch_.logits_indices.size() * static_cast<size_t>(vocab_)) {
+  if (st.ok() && device && device_results_.size() != batch_.logits_indices.size()) {
+    st = Internal("backend {} returned {} sampled rows, expected {}", backend_.name(),
+                  device_results_.size(), batch_.logits_indices.size());
+  }
+  if (st.ok() && !device &&
+      logits_.size() != batch_.logits_indices.size() * static_cast<size_t>(vocab_)) {
     st = Internal("backend {} returned {} logits, expected {} rows x vocab {}", backend_.name(),
                   logits_.size(), batch_.logits_indices.size(), vocab_);
   }
@@ -330,7 +340,7 @@ Status Engine::Step() {
     PublishStats();
     return st;
   }
-  ProcessOutputs(out);
+  ProcessOutputs(out, device);
   PublishStats();
   return Status::Ok();
 }
@@ -369,7 +379,42 @@ void Engine::MaskedFor(const SequenceGroup& g, const Sequence& s, std::vector<in
   out->insert(out->end(), p.stop_token_ids.begin(), p.stop_token_ids.end());
 }
 
-void Engine::ProcessOutputs(const SchedulerOutput& out) {
+bool Engine::BuildDeviceSpecs(const SchedulerOutput& out) {
+  device_specs_.clear();
+  size_t r = 0;
+  for (const ScheduledSeq& e : out.seqs) {
+    if (!e.sample) continue;
+    const SequenceGroup& g = *e.group;
+    const Sequence& s = *e.seq;
+    const SamplingParams& p = g.request.sampling;
+    if (g.beam() || !(g.forked || p.n == 1)) return false;  // beams and forks: host
+    if (device_masked_.size() <= r) device_masked_.resize(r + 1);
+    std::vector<int32_t>& masked = device_masked_[r++];
+    MaskedFor(g, s, &masked);
+    Sampler::FiredBadWords(p, s.tokens, &masked);
+    DeviceSampleSpec d;
+    d.greedy = p.greedy();
+    d.temperature = p.temperature;
+    d.top_k = p.top_k;
+    d.top_p = p.top_p;
+    d.min_p = p.min_p;
+    d.repetition_penalty = p.repetition_penalty;
+    d.presence_penalty = p.presence_penalty;
+    d.frequency_penalty = p.frequency_penalty;
+    d.logprobs = p.logprobs;
+    d.tokens = s.tokens;
+    d.prompt_len = g.prompt_len;
+    d.masked = masked;
+    d.seed = g.seed;
+    d.stream = static_cast<uint64_t>(s.index);
+    d.counter = static_cast<uint64_t>(s.tokens.size()) - g.prompt_len;
+    if (!DeviceSamplingSupports(d, vocab_)) return false;
+    device_specs_.push_back(d);
+  }
+  return true;
+}
+
+void Engine::ProcessOutputs(const SchedulerOutput& out, bool device) {
   const int64_t t_start = NowNs();
   // 1. Cache state: the computed tokens' K/V are now in their blocks.
   struct Row {
@@ -382,7 +427,9 @@ void Engine::ProcessOutputs(const SchedulerOutput& out) {
     e.seq->num_computed += e.num_new_tokens;
     kv_->CommitFullBlocks(&e.seq->kv, e.seq->tokens, e.seq->num_computed);
     if (e.sample) {
-      rows.push_back({e.group, e.seq, logits_.data() + rows.size() * static_cast<size_t>(vocab_)});
+      rows.push_back(
+          {e.group, e.seq,
+           device ? nullptr : logits_.data() + rows.size() * static_cast<size_t>(vocab_)});
     } else {
       prefill_tokens_ += e.num_new_tokens;
     }
@@ -400,6 +447,17 @@ void Engine::ProcessOutputs(const SchedulerOutput& out) {
   for (size_t i = 0; i < rows.size(); ++i) {
     if (!plain[i]) continue;
     const Row& row = rows[i];
+    float* logits = row.logits;
+    if (device) {
+      DeviceSampleResult& d = device_results_[i];
+      if (!d.on_host) {
+        results[i].token = d.token;
+        results[i].logprob = d.logprob;
+        results[i].top = std::move(d.top);
+        continue;
+      }
+      logits = d.logits.data();  // the device handed this row back: sample it here
+    }
     std::vector<int32_t> masked;
     MaskedFor(*row.g, *row.s, &masked);
     SampleContext ctx{&row.g->request.sampling,
@@ -408,7 +466,7 @@ void Engine::ProcessOutputs(const SchedulerOutput& out) {
                       masked,
                       row.g->seed,
                       row.s->index};
-    results[i] = samplers_[omp_get_thread_num()]->Sample(row.logits, ctx);
+    results[i] = samplers_[omp_get_thread_num()]->Sample(logits, ctx);
   }
 
   const int64_t t_sampled = NowNs();

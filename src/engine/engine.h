@@ -40,6 +40,10 @@ struct EngineConfig {
   std::vector<int32_t> eos_token_ids;
   // Threads that sample rows in parallel; 0: OpenMP's default.
   int32_t sampler_threads = 0;
+  // Sample on the backend's device where it can (Backend::ForwardSample): a step uses it when
+  // every row it samples is supported (no beam search, no first sample of n > 1, top_k and
+  // logprobs within the device limits); otherwise the logits come to the host as before.
+  bool device_sampling = true;
 };
 
 struct EngineStats {
@@ -112,7 +116,10 @@ class Engine {
   Engine(Backend& backend, const EngineConfig& config, int32_t num_blocks);
   void DrainInbox();
   void BuildBatch(const SchedulerOutput& out);
-  void ProcessOutputs(const SchedulerOutput& out);
+  // `device`: the rows were sampled by Backend::ForwardSample into device_results_.
+  void ProcessOutputs(const SchedulerOutput& out, bool device);
+  // Fills device_specs_ for the rows `out` samples; false when a row needs the host sampler.
+  bool BuildDeviceSpecs(const SchedulerOutput& out);
   // Appends a sampled token to a sequence, checks stop conditions and answers.
   void Accept(SequenceGroup* g, Sequence* s, const SampleResult& r);
   void BeamStep(SequenceGroup* g, const std::vector<std::pair<Sequence*, float*>>& rows);
@@ -143,6 +150,9 @@ class Engine {
   // Loop-thread state.
   ForwardBatch batch_;
   std::vector<float> logits_;
+  std::vector<DeviceSampleSpec> device_specs_;
+  std::vector<std::vector<int32_t>> device_masked_;  // the specs' masked ids
+  std::vector<DeviceSampleResult> device_results_;
   std::vector<SequenceGroup*> finished_groups_;
   uint64_t arrival_counter_ = 0;
   int64_t prefill_tokens_ = 0, generated_tokens_ = 0, requests_finished_ = 0;

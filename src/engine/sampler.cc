@@ -189,10 +189,20 @@ void Sampler::ApplyProcessors(float* logits, const SampleContext& ctx) {
     }
   }
   for (int32_t t : ctx.masked) logits[t] = kNegInf;
+  if (!p.bad_words.empty()) {
+    counts_token_.clear();
+    FiredBadWords(p, ctx.tokens, &counts_token_);
+    for (int32_t t : counts_token_) logits[t] = kNegInf;
+  }
+}
+
+void Sampler::FiredBadWords(const SamplingParams& p, std::span<const int32_t> tokens,
+                            std::vector<int32_t>* out) {
+  const int32_t n = static_cast<int32_t>(tokens.size());
   for (const auto& w : p.bad_words) {
     const int32_t m = static_cast<int32_t>(w.size());
     if (m == 0 || m - 1 > n) continue;
-    if (std::equal(w.begin(), w.end() - 1, ctx.tokens.end() - (m - 1))) logits[w.back()] = kNegInf;
+    if (std::equal(w.begin(), w.end() - 1, tokens.end() - (m - 1))) out->push_back(w.back());
   }
 }
 

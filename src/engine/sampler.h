@@ -44,6 +44,10 @@ class Sampler {
 
   // Applies penalties and masks (no temperature) in place: what beam search scores with.
   void ApplyProcessors(float* logits, const SampleContext& ctx);
+  // Appends the last token of each bad word whose other tokens end `tokens` (what ApplyProcessors
+  // bans for p.bad_words).
+  static void FiredBadWords(const SamplingParams& p, std::span<const int32_t> tokens,
+                            std::vector<int32_t>* out);
   // The k most likely tokens under log_softmax(logits), best first (ties: lower id first).
   void TopLogprobs(const float* logits, int32_t k, std::vector<std::pair<int32_t, float>>* out);
   // log_softmax(logits)[token].

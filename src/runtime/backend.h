@@ -4,12 +4,14 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "common/status.h"
 #include "model/config.h"
+#include "runtime/device_sampling.h"
 #include "runtime/forward_batch.h"
 
 namespace qilin {
@@ -39,6 +41,14 @@ class Backend {
   // Runs the batch: writes new K/V into their slots, attends over each sequence's cached
   // context, and fills `logits` with [batch.logits_indices.size(), vocab_size] floats.
   virtual Status Forward(const ForwardBatch& batch, std::vector<float>* logits) = 0;
+
+  // Optional: Forward, then the sampling of every logits row on the device (specs[i] for row i),
+  // so that only token ids and logprobs come back. Backends without it return false / an error.
+  virtual bool SupportsDeviceSampling() const { return false; }
+  virtual Status ForwardSample(const ForwardBatch& batch, std::span<const DeviceSampleSpec> specs,
+                               std::vector<DeviceSampleResult>* results) {
+    return Unimplemented("backend {} does not sample on its device", name());
+  }
 
   // Copies whole KV blocks (src -> dst), for copy-on-write when sequences fork.
   virtual Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) = 0;

@@ -79,6 +79,12 @@ CudaBackend::~CudaBackend() {
   for (void* p : allocations_) cudaFree(p);
   if (host_in_) cudaFreeHost(host_in_);
   if (dev_in_) cudaFree(dev_in_);
+  if (sample_host_) cudaFreeHost(sample_host_);
+  for (int i = 0; i < 2; ++i) {
+    if (stage_[i]) cudaFreeHost(stage_[i]);
+    if (stage_done_[i]) cudaEventDestroy(stage_done_[i]);
+  }
+  if (sample_dev_) cudaFree(sample_dev_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -575,7 +581,215 @@ Status CudaBackend::RunStep(const InputLayout& il, const StepShape& s) {
                       stream_);
 }
 
+Status CudaBackend::UploadSampleInputs(std::span<const DeviceSampleSpec> specs) {
+  const int64_t vocab = config_.vocab_size;
+  const int32_t m = static_cast<int32_t>(specs.size());
+  entry_flags_.resize(vocab, 0);
+  entry_out_.resize(vocab, 0);
+  std::vector<cuda::SampleRowParams> params(m);
+  std::vector<cuda::SampleEntry> entries;
+  for (int32_t r = 0; r < m; ++r) {
+    const DeviceSampleSpec& s = specs[r];
+    if (!DeviceSamplingSupports(s, vocab)) {
+      return InvalidArgument("row {}: top_k {} / logprobs {} beyond device sampling's limits", r,
+                             s.top_k, s.logprobs);
+    }
+    cuda::SampleRowParams& p = params[r];
+    p.greedy = s.greedy ? 1 : 0;
+    p.temperature = s.temperature;
+    p.top_k = s.top_k >= vocab ? 0 : s.top_k;
+    p.top_p = s.top_p;
+    p.min_p = s.min_p;
+    p.repetition_penalty = s.repetition_penalty;
+    p.presence_penalty = s.presence_penalty;
+    p.frequency_penalty = s.frequency_penalty;
+    p.logprobs = s.logprobs;
+    p.seed = s.seed;
+    p.stream = s.stream;
+    p.counter = s.counter;
+    p.entry_begin = static_cast<int32_t>(entries.size());
+    // Distinct tokens the processors touch (each once: the kernel changes them in place).
+    entry_tokens_.clear();
+    auto touch = [&](int32_t t) {
+      if (entry_flags_[t] == 0 && entry_out_[t] == 0) entry_tokens_.push_back(t);
+    };
+    auto valid = [&](int32_t t) { return t >= 0 && t < vocab; };
+    if (s.repetition_penalty != 1.0f) {
+      for (int32_t t : s.tokens) {
+        if (!valid(t)) continue;
+        touch(t);
+        entry_flags_[t] |= cuda::kSampleInSequence;
+      }
+    }
+    if (s.presence_penalty != 0.0f || s.frequency_penalty != 0.0f) {
+      for (size_t i = s.prompt_len; i < s.tokens.size(); ++i) {
+        const int32_t t = s.tokens[i];
+        if (!valid(t)) continue;
+        touch(t);
+        ++entry_out_[t];
+      }
+    }
+    for (int32_t t : s.masked) {
+      if (!valid(t)) continue;
+      touch(t);
+      entry_flags_[t] |= cuda::kSampleMasked;
+    }
+    for (int32_t t : entry_tokens_) {
+      cuda::SampleEntry e;
+      e.token = t;
+      e.out_count = entry_out_[t];
+      e.flags = entry_flags_[t];
+      entries.push_back(e);
+      entry_flags_[t] = 0;
+      entry_out_[t] = 0;
+    }
+    p.entry_count = static_cast<int32_t>(entries.size()) - p.entry_begin;
+  }
+  const size_t e = std::max<size_t>(entries.size(), 1);
+  const size_t params_b = Align(m * sizeof(cuda::SampleRowParams));
+  const size_t entries_b = Align(e * sizeof(cuda::SampleEntry));
+  const size_t saved_b = Align(e * sizeof(float));
+  const size_t bytes = params_b + entries_b + saved_b + m * sizeof(cuda::SampleRowOut);
+  if (bytes > sample_bytes_) {
+    QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before regrowing sampling inputs");
+    if (sample_host_) cudaFreeHost(sample_host_);
+    if (sample_dev_) cudaFree(sample_dev_);
+    sample_host_ = nullptr;
+    sample_dev_ = nullptr;
+    sample_bytes_ = 0;
+    const size_t cap = std::max<size_t>(bytes * 2, 1 << 16);
+    QILIN_CUDA_RETURN(cudaMallocHost(&sample_host_, cap), "cudaMallocHost(sampling inputs)");
+    QILIN_CUDA_RETURN(cudaMalloc(&sample_dev_, cap), "cudaMalloc(sampling inputs)");
+    sample_bytes_ = cap;
+  }
+  sample_entries_off_ = params_b;
+  sample_saved_off_ = params_b + entries_b;
+  sample_out_off_ = params_b + entries_b + saved_b;
+  std::memcpy(sample_host_, params.data(), m * sizeof(cuda::SampleRowParams));
+  std::memcpy(sample_host_ + sample_entries_off_, entries.data(),
+              entries.size() * sizeof(cuda::SampleEntry));
+  QILIN_CUDA_RETURN(cudaMemcpyAsync(sample_dev_, sample_host_, sample_saved_off_,
+                                    cudaMemcpyHostToDevice, stream_),
+                    "cudaMemcpy(sampling inputs)");
+  return Status::Ok();
+}
+
+Status CudaBackend::CopyLogitsToHost(float* dst, int32_t rows) {
+  const size_t row_bytes = static_cast<size_t>(config_.vocab_size) * sizeof(float);
+  const int threads = options_.host_copy_threads;
+  if (threads <= 0) {
+    QILIN_CUDA_RETURN(
+        cudaMemcpyAsync(dst, logits_, rows * row_bytes, cudaMemcpyDeviceToHost, stream_),
+        "cudaMemcpy(logits)");
+    return Status::Ok();
+  }
+  const int32_t piece = static_cast<int32_t>(std::max<size_t>(1, kStageBytes / row_bytes));
+  if (!stage_[0]) {
+    for (int i = 0; i < 2; ++i) {
+      QILIN_CUDA_RETURN(cudaMallocHost(&stage_[i], piece * row_bytes), "cudaMallocHost(logits)");
+      QILIN_CUDA_RETURN(cudaEventCreateWithFlags(&stage_done_[i], cudaEventDisableTiming),
+                        "cudaEventCreate");
+    }
+  }
+  const int32_t pieces = (rows + piece - 1) / piece;
+  auto issue = [&](int32_t i) -> Status {
+    const int32_t r0 = i * piece, rn = std::min(piece, rows - r0);
+    QILIN_CUDA_RETURN(
+        cudaMemcpyAsync(stage_[i % 2], logits_ + static_cast<size_t>(r0) * config_.vocab_size,
+                        rn * row_bytes, cudaMemcpyDeviceToHost, stream_),
+        "cudaMemcpy(logits)");
+    QILIN_CUDA_RETURN(cudaEventRecord(stage_done_[i % 2], stream_), "cudaEventRecord");
+    return Status::Ok();
+  };
+  if (pieces > 0) QILIN_RETURN_IF_ERROR(issue(0));
+  for (int32_t i = 0; i < pieces; ++i) {
+    // Stage (i + 1) % 2 was emptied by the previous iteration: its DMA overlaps this copy-out.
+    if (i + 1 < pieces) QILIN_RETURN_IF_ERROR(issue(i + 1));
+    QILIN_CUDA_RETURN(cudaEventSynchronize(stage_done_[i % 2]), "logits to host");
+    const int32_t r0 = i * piece, rn = std::min(piece, rows - r0);
+    const char* src = reinterpret_cast<const char*>(stage_[i % 2]);
+    char* out = reinterpret_cast<char*>(dst + static_cast<size_t>(r0) * config_.vocab_size);
+    const size_t bytes = rn * row_bytes;
+    constexpr size_t kBlock = size_t{256} << 10;
+    const int64_t blocks = static_cast<int64_t>((bytes + kBlock - 1) / kBlock);
+#pragma omp parallel for schedule(static) num_threads(threads) if (blocks > 1 && threads > 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const size_t o = static_cast<size_t>(b) * kBlock;
+      std::memcpy(out + o, src + o, std::min(kBlock, bytes - o));
+    }
+  }
+  return Status::Ok();
+}
+
+Status CudaBackend::SampleChunk(int32_t r0, int32_t rows,
+                                std::vector<DeviceSampleResult>* results) {
+  const int64_t vocab = config_.vocab_size;
+  auto* params = reinterpret_cast<const cuda::SampleRowParams*>(sample_dev_) + r0;
+  auto* entries = reinterpret_cast<const cuda::SampleEntry*>(sample_dev_ + sample_entries_off_);
+  auto* saved = reinterpret_cast<float*>(sample_dev_ + sample_saved_off_);
+  auto* out_dev = reinterpret_cast<cuda::SampleRowOut*>(sample_dev_ + sample_out_off_) + r0;
+  auto* out_host = reinterpret_cast<cuda::SampleRowOut*>(sample_host_ + sample_out_off_) + r0;
+  QILIN_CUDA_RETURN(cuda::SampleRows(logits_, static_cast<int32_t>(vocab), rows, params, entries,
+                                     saved, out_dev, stream_),
+                    "sampling");
+  QILIN_CUDA_RETURN(cudaMemcpyAsync(out_host, out_dev, rows * sizeof(cuda::SampleRowOut),
+                                    cudaMemcpyDeviceToHost, stream_),
+                    "cudaMemcpy(sampled tokens)");
+  QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sampling");
+  for (int32_t r = 0; r < rows; ++r) {
+    const cuda::SampleRowOut& o = out_host[r];
+    DeviceSampleResult& res = (*results)[r0 + r];
+    res.token = o.token;
+    res.logprob = o.logprob;
+    res.top.clear();
+    for (int32_t j = 0; j < o.num_top; ++j) res.top.emplace_back(o.top_id[j], o.top_logprob[j]);
+    res.on_host = o.status == cuda::kSampleNeedsHost;
+    res.logits.clear();
+    if (res.on_host) {
+      res.logits.resize(vocab);
+      QILIN_CUDA_RETURN(cudaMemcpy(res.logits.data(), logits_ + static_cast<int64_t>(r) * vocab,
+                                   vocab * sizeof(float), cudaMemcpyDeviceToHost),
+                        "cudaMemcpy(logits row)");
+    }
+  }
+  return Status::Ok();
+}
+
+Status CudaBackend::SampleLogits(const float* logits, std::span<const DeviceSampleSpec> specs,
+                                 std::vector<DeviceSampleResult>* results) {
+  const int32_t m = static_cast<int32_t>(specs.size());
+  QILIN_RETURN_IF_ERROR(EnsureActivations(std::max<int32_t>(1, planned_tokens_)));
+  results->assign(m, DeviceSampleResult{});
+  QILIN_RETURN_IF_ERROR(UploadSampleInputs(specs));
+  for (int32_t r0 = 0; r0 < m; r0 += kLogitsChunk) {
+    const int32_t rc = std::min(kLogitsChunk, m - r0);
+    QILIN_CUDA_RETURN(
+        cudaMemcpyAsync(logits_, logits + static_cast<int64_t>(r0) * config_.vocab_size,
+                        static_cast<size_t>(rc) * config_.vocab_size * 4, cudaMemcpyHostToDevice,
+                        stream_),
+        "cudaMemcpy(logits)");
+    QILIN_RETURN_IF_ERROR(SampleChunk(r0, rc, results));
+  }
+  return Status::Ok();
+}
+
 Status CudaBackend::Forward(const ForwardBatch& batch, std::vector<float>* logits) {
+  return ForwardImpl(batch, logits, {}, nullptr);
+}
+
+Status CudaBackend::ForwardSample(const ForwardBatch& batch,
+                                  std::span<const DeviceSampleSpec> specs,
+                                  std::vector<DeviceSampleResult>* results) {
+  if (specs.size() != batch.logits_indices.size()) {
+    return InvalidArgument("ForwardSample: {} sampling specs for {} logits rows", specs.size(),
+                           batch.logits_indices.size());
+  }
+  return ForwardImpl(batch, nullptr, specs, results);
+}
+
+Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* logits,
+                                std::span<const DeviceSampleSpec> specs,
+                                std::vector<DeviceSampleResult>* results) {
   QILIN_RETURN_IF_ERROR(ValidateForwardBatch(batch, config_, layout_));
   const ModelConfig& c = config_;
   const int32_t n = batch.num_tokens(), seqs = batch.num_seqs();
@@ -722,7 +936,13 @@ Status CudaBackend::Forward(const ForwardBatch& batch, std::vector<float>* logit
   shape.tiles = static_cast<int32_t>(tile_list.size());
   shape.max_splits = max_splits;
   shape.logn = c.use_logn_attn;
-  logits->resize(static_cast<size_t>(m) * c.vocab_size);
+  const bool sample = results != nullptr;
+  if (sample) {
+    results->assign(m, DeviceSampleResult{});
+    QILIN_RETURN_IF_ERROR(UploadSampleInputs(specs));
+  } else {
+    logits->resize(static_cast<size_t>(m) * c.vocab_size);
+  }
   if (bucket > 0) {
     shape.rows = bucket;
     auto it = graphs_.find(bucket);
@@ -744,11 +964,10 @@ Status CudaBackend::Forward(const ForwardBatch& batch, std::vector<float>* logit
     } else {
       QILIN_CUDA_RETURN(cudaGraphLaunch(it->second, stream_), "cudaGraphLaunch");
     }
-    if (m > 0) {
-      QILIN_CUDA_RETURN(
-          cudaMemcpyAsync(logits->data(), logits_, static_cast<size_t>(m) * c.vocab_size * 4,
-                          cudaMemcpyDeviceToHost, stream_),
-          "cudaMemcpy(logits)");
+    if (m > 0 && sample) {
+      QILIN_RETURN_IF_ERROR(SampleChunk(0, m, results));
+    } else if (m > 0) {
+      QILIN_RETURN_IF_ERROR(CopyLogitsToHost(logits->data(), m));
     }
   } else {
     // Layers once; lm_head in chunks of kLogitsChunk rows (the rows are already on the device).
@@ -764,10 +983,12 @@ Status CudaBackend::Forward(const ForwardBatch& batch, std::vector<float>* logit
         QILIN_RETURN_IF_ERROR(gemm_.Linear(rows_h_, rc, c.hidden_size, lm_head_, c.vocab_size,
                                            nullptr, logits_, true, stream_));
       }
-      QILIN_CUDA_RETURN(cudaMemcpyAsync(logits->data() + static_cast<size_t>(r0) * c.vocab_size,
-                                        logits_, static_cast<size_t>(rc) * c.vocab_size * 4,
-                                        cudaMemcpyDeviceToHost, stream_),
-                        "cudaMemcpy(logits)");
+      if (sample) {
+        QILIN_RETURN_IF_ERROR(SampleChunk(r0, rc, results));
+        continue;
+      }
+      QILIN_RETURN_IF_ERROR(
+          CopyLogitsToHost(logits->data() + static_cast<size_t>(r0) * c.vocab_size, rc));
     }
   }
   QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "Forward");
