@@ -35,9 +35,9 @@ if [ "$PART" != bench ]; then
 run tests 240 "$G/qilin_cuda_tests"
 if [ -n "$SAN" ]; then
   run memcheck 200 "$SAN" --tool memcheck --error-exitcode 9 "$G/qilin_cuda_tests" \
-    --gtest_filter='CudaOps.*:CudaBackend.*:Fixtures/CudaGoldenTest.*/qwen2:Fixtures/CudaGoldenTest.*/qwen3'
-  run racecheck 200 "$SAN" --tool racecheck --error-exitcode 9 "$G/qilin_cuda_tests" \
-    --gtest_filter='CudaOps.PagedAttention*:CudaOps.AddRmsNorm*:CudaOps.RopeWriteKv*'
+    --gtest_filter='CudaOps.*:CudaSampling.*:CudaBackend.*:Fixtures/CudaGoldenTest.*/qwen2:Fixtures/CudaGoldenTest.*/qwen3'
+  run racecheck 300 "$SAN" --tool racecheck --error-exitcode 9 "$G/qilin_cuda_tests" \
+    --gtest_filter='CudaOps.PagedAttention*:CudaOps.AddRmsNorm*:CudaOps.RopeWriteKv*:CudaOps.SiluMul*:CudaSampling.*'
 else
   RES[memcheck]="compute-sanitizer not found"
 fi
