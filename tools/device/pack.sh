@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Packs what tools/device/run-gpu-checks.sh needs on the GPU machine into <dest>/.dev/gpu (ignored
-# by git; pass carry [".dev/gpu"] to the device tool): the CUDA test binary, the benchmark, the
-# qilin binary, the shared libraries the device image lacks (Debian's, not glibc or CUDA's), the
-# golden fixtures, the configs and the check script itself. Builds nothing: run
-# `ninja -C build/release qilin_cuda_tests qilin_bench_cuda_decode qilin` first.
+# Packs what tools/device/run-gpu-checks.sh and serve-bench.sh need on the GPU machine into
+# <dest>/.dev/gpu and its gzip <dest>/.dev/carry/gpu.tgz (ignored by git; the end says how to carry
+# it): the CUDA test binary, the benchmark, the qilin binary, the shared libraries the device
+# image lacks (Debian's, not glibc or CUDA's), the golden fixtures, the configs and the scripts. Builds nothing: run
+# `ninja -C build/release` first.
 # Usage: tools/device/pack.sh [dest repo root, default /work/main]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,3 +38,9 @@ cp tools/device/run-gpu-checks.sh tools/device/serve-bench.sh tools/device/torch
 # Debug info stays here: the working tree plus this must fit the device tool's 64 MiB.
 strip --strip-unneeded "$DEST"/qilin* "$DEST"/lib/*.so* 2>/dev/null || true
 du -sh "$DEST"
+# The working tree and the carry together must stay under the device tool's 64 MiB: carry the
+# gzip of the folder and unpack it there first:
+#   run carry [".dev/carry"], command "tar -C .dev -xzf .dev/carry/gpu.tgz && bash .dev/gpu/run-gpu-checks.sh"
+mkdir -p "$DEST/../carry"
+tar -C "$DEST/.." -czf "$DEST/../carry/gpu.tgz" gpu
+du -sh "$DEST/../carry/gpu.tgz"
