@@ -102,7 +102,9 @@ int main(int argc, char** argv) {
     else if (a == "--json")
       json = true;
     else {
-      std::fprintf(stderr, "usage: %s [--tokenizer DIR] [--corpus FILE | --corpus-out FILE] [--json]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--tokenizer DIR] [--corpus FILE | --corpus-out FILE] [--json]\n",
+                   argv[0]);
       return 2;
     }
   }

@@ -392,16 +392,7 @@ bool Engine::BuildDeviceSpecs(const SchedulerOutput& out) {
     std::vector<int32_t>& masked = device_masked_[r++];
     MaskedFor(g, s, &masked);
     Sampler::FiredBadWords(p, s.tokens, &masked);
-    DeviceSampleSpec d;
-    d.greedy = p.greedy();
-    d.temperature = p.temperature;
-    d.top_k = p.top_k;
-    d.top_p = p.top_p;
-    d.min_p = p.min_p;
-    d.repetition_penalty = p.repetition_penalty;
-    d.presence_penalty = p.presence_penalty;
-    d.frequency_penalty = p.frequency_penalty;
-    d.logprobs = p.logprobs;
+    DeviceSampleSpec d = DeviceSpecOf(p);
     d.tokens = s.tokens;
     d.prompt_len = g.prompt_len;
     d.masked = masked;

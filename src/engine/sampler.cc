@@ -404,4 +404,18 @@ int32_t Sampler::SampleFiltered(float* logits, const SampleContext& ctx, uint64_
   return cand_[out - 1].second;
 }
 
+DeviceSampleSpec DeviceSpecOf(const SamplingParams& p) {
+  DeviceSampleSpec d;
+  d.greedy = p.greedy();
+  d.temperature = p.temperature;
+  d.top_k = p.top_k;
+  d.top_p = p.top_p;
+  d.min_p = p.min_p;
+  d.repetition_penalty = p.repetition_penalty;
+  d.presence_penalty = p.presence_penalty;
+  d.frequency_penalty = p.frequency_penalty;
+  d.logprobs = p.logprobs;
+  return d;
+}
+
 }  // namespace qilin

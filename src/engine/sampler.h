@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "engine/request.h"
+#include "runtime/device_sampling.h"
 
 namespace qilin {
 
@@ -32,6 +33,10 @@ struct SampleResult {
 // Uniform [0, 1) number `counter` of stream (seed, stream): a counter-based generator (splitmix64
 // over the three words), so that draws never depend on the order rows are sampled in.
 double UniformAt(uint64_t seed, uint64_t stream, uint64_t counter);
+
+// The sampling options of `p` as the device sampler takes them (tokens, masks and the draw's
+// seed, stream and counter are the caller's to set).
+DeviceSampleSpec DeviceSpecOf(const SamplingParams& p);
 
 class Sampler {
  public:

@@ -158,15 +158,7 @@ void CompareWithCpu(int32_t vocab, int32_t rows, uint32_t seed) {
       tokens[r].push_back(tokens[r][36]);
       if (cs.masked) masked[r] = {id(rng), id(rng), tokens[r][37]};
       DeviceSampleSpec& d = specs[r];
-      d.greedy = p.greedy();
-      d.temperature = p.temperature;
-      d.top_k = p.top_k;
-      d.top_p = p.top_p;
-      d.min_p = p.min_p;
-      d.repetition_penalty = p.repetition_penalty;
-      d.presence_penalty = p.presence_penalty;
-      d.frequency_penalty = p.frequency_penalty;
-      d.logprobs = p.logprobs;
+      d = DeviceSpecOf(p);
       d.tokens = tokens[r];
       d.prompt_len = 30;
       d.masked = masked[r];

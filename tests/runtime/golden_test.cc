@@ -127,8 +127,7 @@ TEST_P(GoldenTest, GreedyMatchesWhereTheMarginAllows) {
     req.max_tokens = f.reference["gen_tokens"].get<int32_t>();
     req.ignore_eos = true;
     const int32_t block_size = 8;
-    ASSERT_TRUE(
-        f.backend->AllocateKvCache({GreedyBlocksNeeded(req, block_size), block_size}).ok());
+    ASSERT_TRUE(f.backend->AllocateKvCache({GreedyBlocksNeeded(req, block_size), block_size}).ok());
     auto out = GenerateGreedy(*f.backend, req);
     ASSERT_TRUE(out.ok()) << out.status().ToString();
     auto ref_tokens = greedy[p]["tokens"].get<std::vector<int32_t>>();

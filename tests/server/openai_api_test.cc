@@ -94,8 +94,8 @@ TEST(OpenAiParse, BadInputNamesTheParameter) {
        "integer"},
       {R"({"messages":[{"role":"user","content":"x"}],"max_tokens":1.5})", true, "max_tokens",
        "integer"},
-      {R"({"messages":[{"role":"user","content":"x"}],"temperature":"hot"})", true,
-       "temperature", "number"},
+      {R"({"messages":[{"role":"user","content":"x"}],"temperature":"hot"})", true, "temperature",
+       "number"},
       {R"({"messages":[{"role":"user","content":"x"}],"temperature":3})", true, "temperature",
        "[0, 2]"},
       {R"({"messages":[{"role":"user","content":"x"}],"n":0})", true, "n", "[1, 64]"},
@@ -164,7 +164,8 @@ TEST(Router, ExactPrefixAndMethod) {
   Router r;
   int hit = 0;
   r.Add("GET", "/a", [&](HttpRequest&, ResponderPtr) { hit = 1; });
-  r.AddPrefix("POST", "/v2/models/", [&](HttpRequest&, ResponderPtr) { hit = 2; }, false);
+  r.AddPrefix(
+      "POST", "/v2/models/", [&](HttpRequest&, ResponderPtr) { hit = 2; }, false);
   r.AddPrefix("POST", "/v2/models/x/", [&](HttpRequest&, ResponderPtr) { hit = 3; });
   auto m = r.Find("GET", "/a");
   ASSERT_TRUE(m.handler);
@@ -238,8 +239,7 @@ TEST(Metrics, TextFormatAndValues) {
   EXPECT_EQ(samples[h + "\"+Inf\"}"], "2");
   EXPECT_EQ(samples["qilin_time_to_first_token_seconds_count{model_name=\"de\\\"mo\"}"], "2");
   EXPECT_DOUBLE_EQ(
-      std::stod(samples["qilin_time_to_first_token_seconds_sum{model_name=\"de\\\"mo\"}"]),
-      0.203);
+      std::stod(samples["qilin_time_to_first_token_seconds_sum{model_name=\"de\\\"mo\"}"]), 0.203);
 }
 
 }  // namespace
