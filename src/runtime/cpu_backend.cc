@@ -16,6 +16,7 @@
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/simd.h"
 #include "model/weight_checks.h"
+#include "runtime/rope_tables.h"
 #include "runtime/validate_batch.h"
 
 namespace qilin {
@@ -163,37 +164,7 @@ Status CpuBackend::ValidateBatch(const ForwardBatch& b) const {
 }
 
 void CpuBackend::ComputeRope(const ForwardBatch& b) {
-  const int64_t half = config_.head_dim / 2;
-  const int64_t n = b.num_tokens();
-  rope_cos_.resize(n * half);
-  rope_sin_.resize(n * half);
-  const bool qwen_ntk = config_.use_dynamic_ntk;
-  const bool dynamic = cpu::RopeDependsOnSeqLen(config_);
-  const int64_t dyn_max = config_.rope_scaling.original_max_position_embeddings > 0
-                              ? config_.rope_scaling.original_max_position_embeddings
-                              : config_.max_position_embeddings;
-  std::map<double, cpu::RopeFreqs> by_alpha;
-  for (int32_t s = 0; s < b.num_seqs(); ++s) {
-    const cpu::RopeFreqs* seq_freqs = &base_freqs_;
-    if (qwen_ntk) {
-      const double alpha = QwenV1NtkAlpha(config_, b.prompt_lens[s]);
-      if (alpha != 1.0) {
-        auto it = by_alpha.find(alpha);
-        if (it == by_alpha.end())
-          it = by_alpha.emplace(alpha, cpu::ComputeRopeFreqs(config_, 0, alpha)).first;
-        seq_freqs = &it->second;
-      }
-    }
-    for (int32_t t = b.query_start[s]; t < b.query_start[s + 1]; ++t) {
-      const int64_t seq_len = std::max<int64_t>(b.prompt_lens[s], b.positions[t] + 1);
-      if (dynamic && seq_len > dyn_max) {
-        cpu::RopeFreqs f = cpu::ComputeRopeFreqs(config_, seq_len, 1.0);
-        cpu::RopeCosSin(f, b.positions[t], &rope_cos_[t * half], &rope_sin_[t * half]);
-      } else {
-        cpu::RopeCosSin(*seq_freqs, b.positions[t], &rope_cos_[t * half], &rope_sin_[t * half]);
-      }
-    }
-  }
+  BatchRopeTables(config_, base_freqs_, b, &rope_cos_, &rope_sin_);
 }
 
 namespace {

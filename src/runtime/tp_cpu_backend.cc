@@ -14,6 +14,7 @@
 #include "kernels/cpu/simd.h"
 #include "runtime/comm_batch.h"
 #include "runtime/cpu_backend.h"
+#include "runtime/rope_tables.h"
 #include "runtime/validate_batch.h"
 
 namespace qilin {
@@ -128,39 +129,8 @@ Status TpCpuBackend::Rank::CopyBlocks(const ModelConfig& c, const std::vector<ui
   return Status::Ok();
 }
 
-// cos/sin [num_tokens, head_dim / 2] of the batch's positions, as CpuBackend::ComputeRope: Qwen
-// v1's NTK base from each prompt's length, HF dynamic scaling from the sequence length.
 void TpCpuBackend::Rank::ComputeRope(const ModelConfig& c, const ForwardBatch& b) {
-  const int64_t half = c.head_dim / 2;
-  const int64_t n = b.num_tokens();
-  rope_cos.resize(n * half);
-  rope_sin.resize(n * half);
-  const bool dynamic = cpu::RopeDependsOnSeqLen(c);
-  const int64_t dyn_max = c.rope_scaling.original_max_position_embeddings > 0
-                              ? c.rope_scaling.original_max_position_embeddings
-                              : c.max_position_embeddings;
-  std::map<double, cpu::RopeFreqs> by_alpha;
-  for (int32_t s = 0; s < b.num_seqs(); ++s) {
-    const cpu::RopeFreqs* seq_freqs = &base_freqs;
-    if (c.use_dynamic_ntk) {
-      const double alpha = QwenV1NtkAlpha(c, b.prompt_lens[s]);
-      if (alpha != 1.0) {
-        auto it = by_alpha.find(alpha);
-        if (it == by_alpha.end())
-          it = by_alpha.emplace(alpha, cpu::ComputeRopeFreqs(c, 0, alpha)).first;
-        seq_freqs = &it->second;
-      }
-    }
-    for (int32_t t = b.query_start[s]; t < b.query_start[s + 1]; ++t) {
-      const int64_t seq_len = std::max<int64_t>(b.prompt_lens[s], b.positions[t] + 1);
-      if (dynamic && seq_len > dyn_max) {
-        const cpu::RopeFreqs f = cpu::ComputeRopeFreqs(c, seq_len, 1.0);
-        cpu::RopeCosSin(f, b.positions[t], &rope_cos[t * half], &rope_sin[t * half]);
-      } else {
-        cpu::RopeCosSin(*seq_freqs, b.positions[t], &rope_cos[t * half], &rope_sin[t * half]);
-      }
-    }
-  }
+  BatchRopeTables(c, base_freqs, b, &rope_cos, &rope_sin);
 }
 
 // One rank's share of a step. Collectives per step: 1 (embedding) + 2 per layer + 1 gather.
