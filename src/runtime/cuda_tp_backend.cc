@@ -112,6 +112,7 @@ Result<std::unique_ptr<CudaTpBackend>> CudaTpBackend::Create(const ModelConfig& 
 #ifdef QILIN_HAVE_NCCL
   use_nccl = !options.force_staged && tp > 1 && devices >= tp;
 #endif
+  (void)use_nccl;
   std::unique_ptr<CudaTpBackend> b(new CudaTpBackend(config));
   QILIN_ASSIGN_OR_RETURN(b->group_, InProcessCommGroup::Create(tp));
   for (int r = 0; r < tp; ++r) {
@@ -194,7 +195,8 @@ Result<std::unique_ptr<CudaTpBackend>> CudaTpBackend::Create(const ModelConfig& 
 }
 
 CudaTpBackend::~CudaTpBackend() {
-  if (!ranks_.empty()) (void)RunOnAllRanks(kShutdown, 0, 0, {}, nullptr, nullptr);
+  // Only once the follower threads run (a Create that failed before them has none to stop).
+  if (!threads_.empty()) (void)RunOnAllRanks(kShutdown, 0, 0, {}, nullptr, nullptr);
   for (std::thread& t : threads_) t.join();
   for (auto& rk : ranks_) {
     DeviceScope scope(rk->device);
