@@ -106,6 +106,18 @@ Status CudaBackend::Init() {
   if (options_.swiglu_bf16_min_rows >= 0) {
     gemm_.set_swiglu_bf16_min_rows(options_.swiglu_bf16_min_rows);
   }
+  if (tp()) {
+    const ShardPlan& p = options_.tp_plan;
+    if (p.world_size != options_.tp_comm->world_size() || p.rank != options_.tp_comm->rank() ||
+        p.num_heads != config_.num_heads || p.num_kv_heads != config_.num_kv_heads ||
+        p.intermediate_size != config_.intermediate_size || p.vocab_per_rank <= 0) {
+      return InvalidArgument(
+          "CUDA tensor parallel rank {} of {}: the plan, the communicator (rank {} of {}) and the "
+          "rank's config ({} heads, {} KV heads, intermediate {}) disagree",
+          p.rank, p.world_size, options_.tp_comm->rank(), options_.tp_comm->world_size(),
+          config_.num_heads, config_.num_kv_heads, config_.intermediate_size);
+    }
+  }
   const cpu::RopeFreqs f = cpu::ComputeRopeFreqs(config_, 0, 1.0);
   base_inv_freq_ = f.inv_freq;
   base_attn_scale_ = f.attention_scaling;
@@ -134,7 +146,12 @@ Status CudaBackend::AllocWeights() {
   const int64_t h = c.hidden_size, qkv = c.q_size() + 2 * c.kv_size(), inter = c.intermediate_size;
   QILIN_ASSIGN_OR_RETURN(embed_, Alloc(c.vocab_size * h));
   QILIN_ASSIGN_OR_RETURN(final_norm_, Alloc(h));
-  if (c.tie_word_embeddings) {
+  if (tp()) {
+    // The rank's vocabulary rows, padded to vocab_per_rank with zero rows.
+    const int64_t rows = options_.tp_plan.vocab_per_rank;
+    QILIN_ASSIGN_OR_RETURN(lm_head_, Alloc(rows * h));
+    QILIN_CUDA_RETURN(cudaMemset(lm_head_, 0, rows * h * sizeof(bf16_t)), "cudaMemset(lm_head)");
+  } else if (c.tie_word_embeddings) {
     lm_head_ = embed_;
   } else {
     QILIN_ASSIGN_OR_RETURN(lm_head_, Alloc(c.vocab_size * h));
@@ -169,7 +186,10 @@ Status CudaBackend::UploadWeights(const ModelWeights& w) {
   QILIN_RETURN_IF_ERROR(
       CheckWeightTensor(w.embed_tokens, "embed_tokens", {c.vocab_size, h}, "CUDA"));
   QILIN_RETURN_IF_ERROR(CheckWeightTensor(w.final_norm, "final_norm", {h}, "CUDA"));
-  QILIN_RETURN_IF_ERROR(CheckWeightTensor(w.lm_head, "lm_head", {c.vocab_size, h}, "CUDA"));
+  const int64_t lm_rows = tp() ? options_.tp_plan.vocab_rows() : c.vocab_size;
+  if (lm_rows > 0 || !tp()) {
+    QILIN_RETURN_IF_ERROR(CheckWeightTensor(w.lm_head, "lm_head", {lm_rows, h}, "CUDA"));
+  }
   if (static_cast<int64_t>(w.layers.size()) != c.num_layers) {
     return InvalidArgument("weights: {} layers, but num_hidden_layers = {}", w.layers.size(),
                            c.num_layers);
@@ -190,7 +210,11 @@ Status CudaBackend::UploadWeights(const ModelWeights& w) {
   };
   QILIN_RETURN_IF_ERROR(put(w.embed_tokens, embed_));
   QILIN_RETURN_IF_ERROR(put(w.final_norm, final_norm_));
-  if (!c.tie_word_embeddings) QILIN_RETURN_IF_ERROR(put(w.lm_head, lm_head_));
+  if (tp()) {
+    if (lm_rows > 0) QILIN_RETURN_IF_ERROR(put(w.lm_head, lm_head_));
+  } else if (!c.tie_word_embeddings) {
+    QILIN_RETURN_IF_ERROR(put(w.lm_head, lm_head_));
+  }
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const LayerWeights& l = w.layers[i];
     const DevLayer& d = layers_[i];
@@ -287,6 +311,9 @@ Result<std::unique_ptr<CudaBackend>> CudaBackend::CreateDummy(const ModelConfig&
                                                               uint64_t seed, float matrix_std,
                                                               float norm_std,
                                                               CudaBackendOptions options) {
+  if (options.tp_comm != nullptr) {
+    return InvalidArgument("CudaBackend::CreateDummy: no tensor parallelism (shard host weights)");
+  }
   std::unique_ptr<CudaBackend> b(new CudaBackend(config, options));
   QILIN_RETURN_IF_ERROR(b->Init());
   QILIN_RETURN_IF_ERROR(b->FillDummyWeights(seed, matrix_std, norm_std));
@@ -305,7 +332,10 @@ int64_t CudaBackend::ActivationBytes(int32_t t) const {
   const int64_t fixed =
       cuda::DecodePartialFloats(std::min(t, kDecodeChunk), c.num_heads, c.head_dim) * 4 +
       static_cast<int64_t>(kLogitsChunk) * c.vocab_size * 4 +
-      static_cast<int64_t>(kLogitsChunk) * c.hidden_size * 2;
+      static_cast<int64_t>(kLogitsChunk) * c.hidden_size * 2 +
+      (tp() ? static_cast<int64_t>(kLogitsChunk) * options_.tp_plan.vocab_per_rank *
+                  (1 + options_.tp_plan.world_size) * 4
+            : 0);
   return per_token * t + fixed;
 }
 
@@ -344,6 +374,12 @@ Status CudaBackend::EnsureActivations(int32_t t) {
             &partial_));
   QILIN_RETURN_IF_ERROR(alloc(static_cast<size_t>(kLogitsChunk) * c.vocab_size * 4, &logits_));
   QILIN_RETURN_IF_ERROR(alloc(static_cast<size_t>(kLogitsChunk) * c.hidden_size * 2, &rows_h_));
+  if (tp()) {
+    const size_t vpr = static_cast<size_t>(options_.tp_plan.vocab_per_rank);
+    QILIN_RETURN_IF_ERROR(alloc(kLogitsChunk * vpr * 4, &tp_logits_));
+    QILIN_RETURN_IF_ERROR(
+        alloc(kLogitsChunk * vpr * options_.tp_plan.world_size * 4, &tp_gathered_));
+  }
   act_tokens_ = t;
   return Status::Ok();
 }
@@ -564,11 +600,15 @@ Status CudaBackend::RunStep(const InputLayout& il, const StepShape& s) {
         cuda::PagedAttentionPrefill(q_, k_cache, v_cache, ab, tiles, s.tiles, c.num_heads,
                                     c.num_kv_heads, c.head_dim, scale, attn_, stream_),
         "prefill attention");
-    QILIN_RETURN_IF_ERROR(gemm_.Linear(attn_, n, qs, w.o, hid, w.o_bias, y_, true, stream_));
+    // With tensor parallelism the partial sums of every rank's heads, o_proj's bias once.
+    const float* o_bias = tp() && options_.tp_plan.rank != 0 ? nullptr : w.o_bias;
+    QILIN_RETURN_IF_ERROR(gemm_.Linear(attn_, n, qs, w.o, hid, o_bias, y_, true, stream_));
+    QILIN_RETURN_IF_ERROR(TpAllReduce(y_, n));
     QILIN_CUDA_RETURN(cuda::AddRmsNorm(x_, y_, nullptr, n, hid, w.post_norm, eps, h_, stream_),
                       "post norm");
     QILIN_RETURN_IF_ERROR(gemm_.LinearSwiGlu(h_, n, hid, w.gate_up, inter, gu_, act_, stream_));
     QILIN_RETURN_IF_ERROR(gemm_.Linear(act_, n, inter, w.down, hid, nullptr, y_, true, stream_));
+    QILIN_RETURN_IF_ERROR(TpAllReduce(y_, n));
   }
   // Last residual add (the norm output is not used); then final norm + lm_head on sampled rows.
   QILIN_CUDA_RETURN(cuda::AddRmsNorm(x_, y_, nullptr, n, hid, final_norm_, eps, h_, stream_),
@@ -577,8 +617,38 @@ Status CudaBackend::RunStep(const InputLayout& il, const StepShape& s) {
   QILIN_CUDA_RETURN(
       cuda::AddRmsNorm(x_, nullptr, rows, s.rows, hid, final_norm_, eps, rows_h_, stream_),
       "final norm");
-  return gemm_.Linear(rows_h_, s.rows, hid, lm_head_, c.vocab_size, nullptr, logits_, true,
-                      stream_);
+  return LmHead(s.rows);
+}
+
+Status CudaBackend::TpAllReduce(float* y, int64_t n) {
+  if (!tp()) return Status::Ok();
+  return options_.tp_comm->AllReduceSum(y, n * config_.hidden_size, stream_);
+}
+
+Status CudaBackend::LmHead(int32_t rows) {
+  const ModelConfig& c = config_;
+  if (!tp()) {
+    return gemm_.Linear(rows_h_, rows, c.hidden_size, lm_head_, c.vocab_size, nullptr, logits_,
+                        true, stream_);
+  }
+  const ShardPlan& p = options_.tp_plan;
+  const int64_t vpr = p.vocab_per_rank, V = c.vocab_size;
+  if (rows <= 0) return Status::Ok();  // the same on every rank: no collective
+  QILIN_RETURN_IF_ERROR(gemm_.Linear(rows_h_, rows, c.hidden_size, lm_head_, vpr, nullptr,
+                                     tp_logits_, true, stream_));
+  QILIN_RETURN_IF_ERROR(options_.tp_comm->AllGather(tp_logits_, rows * vpr, tp_gathered_, stream_));
+  if (p.rank != 0) return Status::Ok();
+  // [world, rows, vpr] -> [rows, V]: rank r's real columns land at [r * vpr, ...).
+  for (int64_t r = 0; r < p.world_size; ++r) {
+    const int64_t v0 = r * vpr, v1 = std::min(V, v0 + vpr);
+    if (v1 <= v0) continue;
+    QILIN_CUDA_RETURN(
+        cudaMemcpy2DAsync(logits_ + v0, V * sizeof(float), tp_gathered_ + r * rows * vpr,
+                          vpr * sizeof(float), (v1 - v0) * sizeof(float), rows,
+                          cudaMemcpyDeviceToDevice, stream_),
+        "logits gather");
+  }
+  return Status::Ok();
 }
 
 Status CudaBackend::UploadSampleInputs(std::span<const DeviceSampleSpec> specs) {
@@ -780,6 +850,7 @@ Status CudaBackend::Forward(const ForwardBatch& batch, std::vector<float>* logit
 Status CudaBackend::ForwardSample(const ForwardBatch& batch,
                                   std::span<const DeviceSampleSpec> specs,
                                   std::vector<DeviceSampleResult>* results) {
+  if (tp()) return Unimplemented("ForwardSample: no device sampling with tensor parallelism");
   if (specs.size() != batch.logits_indices.size()) {
     return InvalidArgument("ForwardSample: {} sampling specs for {} logits rows", specs.size(),
                            batch.logits_indices.size());
@@ -804,7 +875,8 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
   }
   // A graph step: decode-only, padded to a bucket, block tables at the fixed stride.
   int32_t bucket = 0;
-  if (options_.cuda_graphs && decode_only && used_blocks <= table_cap_ && m <= n) {
+  const bool graphs = options_.cuda_graphs && (!tp() || options_.tp_comm->capturable());
+  if (graphs && decode_only && used_blocks <= table_cap_ && m <= n) {
     for (int32_t b : kGraphBuckets) {
       if (b >= n) {
         bucket = b;
@@ -940,7 +1012,7 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
   if (sample) {
     results->assign(m, DeviceSampleResult{});
     QILIN_RETURN_IF_ERROR(UploadSampleInputs(specs));
-  } else {
+  } else if (logits != nullptr) {
     logits->resize(static_cast<size_t>(m) * c.vocab_size);
   }
   if (bucket > 0) {
@@ -966,7 +1038,7 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
     }
     if (m > 0 && sample) {
       QILIN_RETURN_IF_ERROR(SampleChunk(0, m, results));
-    } else if (m > 0) {
+    } else if (m > 0 && logits != nullptr) {
       QILIN_RETURN_IF_ERROR(CopyLogitsToHost(logits->data(), m));
     }
   } else {
@@ -980,13 +1052,13 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
         QILIN_CUDA_RETURN(cuda::AddRmsNorm(x_, nullptr, rows, rc, c.hidden_size, final_norm_,
                                            static_cast<float>(c.rms_norm_eps), rows_h_, stream_),
                           "final norm");
-        QILIN_RETURN_IF_ERROR(gemm_.Linear(rows_h_, rc, c.hidden_size, lm_head_, c.vocab_size,
-                                           nullptr, logits_, true, stream_));
+        QILIN_RETURN_IF_ERROR(LmHead(rc));
       }
       if (sample) {
         QILIN_RETURN_IF_ERROR(SampleChunk(r0, rc, results));
         continue;
       }
+      if (logits == nullptr) continue;  // a tensor-parallel rank other than 0
       QILIN_RETURN_IF_ERROR(
           CopyLogitsToHost(logits->data() + static_cast<size_t>(r0) * c.vocab_size, rc));
     }

@@ -17,8 +17,10 @@
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/sampling.h"
 #include "model/config.h"
+#include "model/shard.h"
 #include "model/weights.h"
 #include "runtime/backend.h"
+#include "runtime/cuda_device_comm.h"
 
 namespace qilin {
 
@@ -40,6 +42,15 @@ struct CudaBackendOptions {
   // is in flight. H100 machine, batch-64 step with 64 x 152064 logits: 0: 11.1 ms, 1: 13.4,
   // 2: 11.5, 4: 10.3, 8: 10.6, all 16 cores: 21.9 (the host copy-out is the limit, not the DMA).
   int host_copy_threads = 4;
+  // Tensor parallelism (cuda_tp_backend.h). Non-null makes this backend rank tp_plan.rank of a
+  // group: its config is then the rank's (ShardedLayerConfig: its heads, KV heads and MLP rows)
+  // and its weights the rank's shard (ShardWeights), except embed_tokens, which stays whole (the
+  // embedding is replicated: no collective); lm_head holds the rank's vocabulary rows. The
+  // o_proj and down_proj outputs are all-reduced before their residual adds (o_proj's bias on
+  // rank 0 only), the logits all-gathered. CUDA graphs only with a capturable tp_comm; no device
+  // sampling. Not owned; outlives the backend.
+  DeviceComm* tp_comm = nullptr;
+  ShardPlan tp_plan;
 };
 
 class CudaBackend : public Backend {
@@ -64,11 +75,13 @@ class CudaBackend : public Backend {
   Status AllocateKvCache(const KvCacheLayout& layout) override;
   const KvCacheLayout& kv_layout() const override { return layout_; }
   Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
-  bool SupportsDeviceSampling() const override { return true; }
+  bool SupportsDeviceSampling() const override { return !tp(); }
   Status ForwardSample(const ForwardBatch& batch, std::span<const DeviceSampleSpec> specs,
                        std::vector<DeviceSampleResult>* results) override;
   Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) override;
 
+  // Rank of a tensor-parallel group (CudaBackendOptions::tp_comm).
+  bool tp() const { return options_.tp_comm != nullptr; }
   // Bytes of weights on the device.
   int64_t WeightBytes() const { return weight_bytes_; }
   // Graphs captured so far (for tests and benchmarks).
@@ -118,6 +131,12 @@ class CudaBackend : public Backend {
   Status EnsureInputBuffers(size_t bytes);
   // Runs embedding .. lm_head for the inputs already on the device at `il`.
   Status RunStep(const InputLayout& il, const StepShape& shape);
+  // logits_ rows [0, rows) from rows_h_ (the final-normed rows): the lm_head GEMM; with tensor
+  // parallelism this rank's vocabulary rows, all-gathered and laid out as the full vocabulary
+  // (on rank 0; the other ranks' logits_ are not filled).
+  Status LmHead(int32_t rows);
+  // The sum over ranks of y_ rows [0, n) (tensor parallelism; nothing otherwise).
+  Status TpAllReduce(float* y, int64_t n);
   void DropGraphs();
   Status ForwardImpl(const ForwardBatch& batch, std::vector<float>* logits,
                      std::span<const DeviceSampleSpec> specs,
@@ -156,6 +175,9 @@ class CudaBackend : public Backend {
   float *qkv_ = nullptr, *y_ = nullptr, *gu_ = nullptr;
   float* partial_ = nullptr;
   float* logits_ = nullptr;  // [kLogitsChunk, vocab]
+  // Tensor parallelism: this rank's logits [kLogitsChunk, vocab_per_rank] and every rank's
+  // [world_size, kLogitsChunk rows, vocab_per_rank].
+  float *tp_logits_ = nullptr, *tp_gathered_ = nullptr;
 
   // Step inputs: pinned host staging and the device copy.
   char* host_in_ = nullptr;

@@ -4,16 +4,31 @@
 #include "runtime/backend_factory.h"
 #include "runtime/tp_cpu_backend.h"
 
+#ifdef QILIN_HAVE_CUDA
+#include "runtime/cuda_backend.h"
+#include "runtime/cuda_tp_backend.h"
+#endif
+
 namespace qilin {
 namespace {
 
 Status CheckTpDevice(const std::string& device, const ModelConfig& config, int tp) {
   QILIN_RETURN_IF_ERROR(CheckShardable(config, tp));
   if (device == "cuda") {
-    return Unimplemented(
-        "--tp {} on device 'cuda': tensor parallelism over GPUs (one NCCL rank per GPU) is not "
-        "wired into the backends yet; use --device cpu or --tp 1 (see docs/tensor-parallel.md)",
+#ifdef QILIN_HAVE_CUDA
+    if (CudaDeviceCount() == 0) {
+      return Unavailable(
+          "--tp {} on device 'cuda': no CUDA device is visible; use --device cpu (see "
+          "docs/tensor-parallel.md)",
+          tp);
+    }
+    return Status::Ok();
+#else
+    return Unavailable(
+        "--tp {} on device 'cuda': this binary was built without the CUDA backend; use --device "
+        "cpu (see docs/tensor-parallel.md)",
         tp);
+#endif
   }
   if (device != "cpu") {
     return InvalidArgument("unknown device '{}' (expected 'cpu', 'cuda' or 'auto')", device);
@@ -29,6 +44,13 @@ Result<std::unique_ptr<Backend>> MakeTpBackend(const std::string& device_name,
   if (tp == 1) return MakeBackend(device_name, config, std::move(weights));
   const std::string device = ResolveDevice(device_name);
   QILIN_RETURN_IF_ERROR(CheckTpDevice(device, config, tp));
+#ifdef QILIN_HAVE_CUDA
+  if (device == "cuda") {
+    QILIN_ASSIGN_OR_RETURN(std::unique_ptr<CudaTpBackend> cuda,
+                           CudaTpBackend::Create(config, weights, tp));
+    return std::unique_ptr<Backend>(std::move(cuda));
+  }
+#endif
   QILIN_ASSIGN_OR_RETURN(std::unique_ptr<TpCpuBackend> b,
                          TpCpuBackend::Create(config, weights, tp));
   return std::unique_ptr<Backend>(std::move(b));

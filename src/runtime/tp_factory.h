@@ -11,9 +11,10 @@
 namespace qilin {
 
 // tp == 1: MakeBackend. tp > 1 on "cpu": TpCpuBackend (N ranks as threads, in-process
-// collectives). tp > 1 on "cuda": Unimplemented until the NCCL ranks exist
-// (docs/tensor-parallel.md). CheckShardable's InvalidArgument when the model's shapes do not divide
-// by tp.
+// collectives). tp > 1 on "cuda": CudaTpBackend (rank r on GPU r % device_count; NCCL with a GPU
+// per rank, else collectives staged through the host), Unavailable without a CUDA device or in a
+// build without CUDA (docs/tensor-parallel.md). CheckShardable's InvalidArgument when the model's
+// shapes do not divide by tp.
 Result<std::unique_ptr<Backend>> MakeTpBackend(const std::string& device, const ModelConfig& config,
                                                ModelWeights weights, int tp);
 

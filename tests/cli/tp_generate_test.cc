@@ -4,6 +4,8 @@
 // a one-line error naming the key, its value and the size.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <string>
@@ -18,9 +20,9 @@ struct RunResult {
   std::string out;
 };
 
-RunResult RunTp(const std::string& args, bool errors = false) {
+RunResult RunTp(const std::string& args, bool errors = false, const std::string& device = "cpu") {
   std::string cmd = std::string(QILIN_BINARY_DIR) + "/qilin generate --model " + QILIN_SOURCE_DIR +
-                    "/models/demo --device cpu " + args +
+                    "/models/demo --device " + device + " " + args +
                     (errors ? " 2>&1 >/dev/null" : " 2>/dev/null");
   FILE* p = popen(cmd.c_str(), "r");
   std::string out;
@@ -61,6 +63,16 @@ TEST_F(TpGenerateTest, ASizeThatDoesNotDivideIsAClearError) {
   const RunResult zero = RunTp("--prompt-ids 1,2,3 --tp 0", /*errors=*/true);
   EXPECT_NE(zero.status, 0);
   EXPECT_NE(zero.out.find("tensor parallel size = 0"), std::string::npos) << zero.out;
+}
+
+// Where no GPU is visible (or the binary has no CUDA), `--tp 2 --device cuda` exits with a
+// one-line error naming the flag and the device, not a crash.
+TEST_F(TpGenerateTest, CudaWithoutAGpuIsAClearError) {
+  const RunResult r = RunTp("--prompt-ids 1,2,3 --max-tokens 2 --tp 2", /*errors=*/true, "cuda");
+  if (r.status == 0) GTEST_SKIP() << "a GPU is visible: tests/runtime/cuda_tp_backend_test.cc";
+  ASSERT_TRUE(WIFEXITED(r.status)) << "killed by a signal: " << r.out;
+  EXPECT_NE(WEXITSTATUS(r.status), 0);
+  EXPECT_NE(r.out.find("--tp 2 on device 'cuda'"), std::string::npos) << r.out;
 }
 
 }  // namespace

@@ -340,5 +340,25 @@ TEST(TpCpuBackendTest, EngineGreedyEqualsTheUnshardedLoop) {
   }
 }
 
+// `--tp 2 --device cuda` where no GPU is visible (or the build has no CUDA): a clear Unavailable
+// naming the flag and the device, for real and dummy weights; shapes that do not divide are
+// reported first, as on the CPU.
+TEST(TpFactoryTest, CudaWithoutAGpuIsAClearError) {
+  const ModelConfig c = TinyModel();
+  auto w = MakeDummyWeights(c, DType::kBF16, 7, 0.3f, 0.1f);
+  ASSERT_TRUE(w.ok());
+  auto odd = MakeTpBackend("cuda", c, *w, 3);
+  ASSERT_FALSE(odd.ok());
+  EXPECT_EQ(odd.status().code(), StatusCode::kInvalidArgument) << odd.status().ToString();
+  auto b = MakeTpBackend("cuda", c, *w, 2);
+  if (b.ok()) GTEST_SKIP() << "a CUDA device is visible (tests/runtime/cuda_tp_backend_test.cc)";
+  EXPECT_EQ(b.status().code(), StatusCode::kUnavailable) << b.status().ToString();
+  EXPECT_NE(b.status().message().find("--tp 2 on device 'cuda'"), std::string::npos)
+      << b.status().message();
+  auto d = MakeDummyTpBackend("cuda", c, DType::kBF16, 1, 2);
+  ASSERT_FALSE(d.ok());
+  EXPECT_EQ(d.status().code(), StatusCode::kUnavailable) << d.status().ToString();
+}
+
 }  // namespace
 }  // namespace qilin
