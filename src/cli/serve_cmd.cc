@@ -56,6 +56,7 @@ struct ServeOptions {
   bool no_access_log = false;
   bool dummy_weights = false;
   std::string tokenizer_dir;
+  int tp = 1;
 };
 
 // The demo model: $QILIN_DEMO_MODEL, else models/demo beside the executable's tree
@@ -233,6 +234,7 @@ int RunServe(ServeOptions o) {
   po.max_model_len = o.max_model_len;
   po.dummy_weights = o.dummy_weights;
   po.tokenizer_dir = o.tokenizer_dir;
+  po.tp = o.tp;
   po.engine.max_batch_size = o.max_batch_size;
   po.engine.max_num_tokens = o.max_num_tokens;
   po.engine.kv_cache_tokens = o.kv_cache_tokens;
@@ -398,6 +400,10 @@ RegisterCommand reg(
           ->capture_default_str();
       sub.add_flag("--dummy-weights", o->dummy_weights,
                    "random weights from config.json only (speed tests without a checkpoint)");
+      sub.add_option("--tp", o->tp,
+                     "tensor parallelism: shard the model over N ranks (GPUs with --device cuda)")
+          ->check(CLI::Range(1, 64))
+          ->capture_default_str();
       sub.add_option(
           "--tokenizer", o->tokenizer_dir,
           "tokenizer folder (default: the model folder, or the repository's tokenizer_dir)");

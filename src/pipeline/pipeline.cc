@@ -8,6 +8,7 @@
 
 #include "common/meminfo.h"
 #include "runtime/backend_factory.h"
+#include "runtime/tp_factory.h"
 
 namespace qilin::pipeline {
 namespace {
@@ -134,13 +135,18 @@ Result<std::unique_ptr<ModelPipeline>> ModelPipeline::Create(const std::string& 
                                                                        ? model_dir
                                                                        : options.tokenizer_dir));
 
+  if (options.tp < 1) return InvalidArgument("tp {} must be >= 1", options.tp);
   if (options.dummy_weights) {
     // Random weights made where they run: on the GPU no host copy of 15 GB is ever built.
     const std::string device = ResolveDevice(options.device);
-    QILIN_ASSIGN_OR_RETURN(p->backend_, MakeDummyBackend(device, p->config_, DType::kBF16, 0));
+    QILIN_ASSIGN_OR_RETURN(p->backend_,
+                           MakeDummyTpBackend(device, p->config_, DType::kBF16, 0, options.tp));
   } else {
     QILIN_ASSIGN_OR_RETURN(ModelWeights weights, LoadModelWeights(p->config_, model_dir));
-    if (options.device == "auto") {
+    if (options.tp > 1) {
+      QILIN_ASSIGN_OR_RETURN(p->backend_, MakeTpBackend(ResolveDevice(options.device), p->config_,
+                                                        std::move(weights), options.tp));
+    } else if (options.device == "auto") {
       // A GPU when this build and machine have one, else the CPU.
       Result<std::unique_ptr<Backend>> cuda = MakeBackend("cuda", p->config_, weights);
       if (cuda.ok()) {

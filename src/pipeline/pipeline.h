@@ -45,6 +45,9 @@ struct PipelineOptions {
   // Where tokenizer.json / tokenizer_config.json are; empty: the model folder. With
   // dummy_weights a folder of config.json alone (configs/qwen2.5-7b) serves with another's.
   std::string tokenizer_dir;
+  // Tensor parallelism: the model sharded over this many ranks (threads of this process; on
+  // "cuda" rank r on GPU r % device count). 1: one backend.
+  int tp = 1;
 };
 
 struct ModelInfo {

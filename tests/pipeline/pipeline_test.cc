@@ -209,6 +209,32 @@ TEST_F(PipelineTest, CancelFreesTheBlocks) {
   EXPECT_EQ(pipe_->stats().running, 0);
 }
 
+// `serve --tp 2`: the demo sharded over two CPU ranks answers as the unsharded pipeline does.
+TEST_F(PipelineTest, TensorParallelTwoRanksGivesTheSameGreedyText) {
+  PipelineOptions o;
+  o.device = "cpu";
+  o.engine.kv_cache_tokens = 2048;
+  o.tp = 2;
+  auto tp = ModelPipeline::Create(kDemo, o);
+  ASSERT_TRUE(tp.ok()) << tp.status().ToString();
+  GenerateParams params;
+  params.sampling.temperature = 0;
+  params.sampling.max_tokens = 16;
+  params.sampling.ignore_eos = true;
+  auto a = pipe_->Submit(GenerateInput::Text("Miss Bennet"), params);
+  auto b = tp.value()->Submit(GenerateInput::Text("Miss Bennet"), params);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const Out oa = Collect(*a.value()), ob = Collect(*b.value());
+  ASSERT_EQ(ob.tokens[0].size(), 16u);
+  EXPECT_EQ(oa.tokens[0], ob.tokens[0]);
+  EXPECT_EQ(oa.text[0], ob.text[0]);
+
+  o.tp = 3;  // 4 heads, 2 KV heads: does not divide
+  auto bad = ModelPipeline::Create(kDemo, o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("3"), std::string::npos) << bad.status().message();
+}
+
 TEST(PipelineCreate, BadDirectoryNamesIt) {
   auto p = ModelPipeline::Create("/nonexistent/model", {});
   ASSERT_FALSE(p.ok());
