@@ -1,30 +1,66 @@
-// The in-process communicator against naive references (sums in rank order, concatenation,
-// copies), its errors (mismatched sizes reach every rank, abort releases waiting ranks: no hang),
-// and the step batch's encoding (round trip, every truncation refused).
+// The communicators (in-process, and over TCP between ranks as socket_comm.h joins processes)
+// against naive references (sums in rank order, concatenation, copies), their errors
+// (mismatched sizes reach every rank, abort releases waiting ranks: no hang), and the step
+// batch's encoding (round trip, every truncation refused).
 #include <atomic>
 #include <functional>
 #include <random>
+#include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
 
 #include "runtime/comm.h"
 #include "runtime/comm_batch.h"
+#include "runtime/socket_comm.h"
 
 namespace qilin {
 namespace {
 
-// Runs body(rank, comm) on `n` threads, one per rank.
-void RunRanks(int n, const std::function<void(int, Communicator&)>& body) {
-  auto group = InProcessCommGroup::Create(n);
-  ASSERT_TRUE(group.ok()) << group.status().ToString();
-  std::vector<std::unique_ptr<Communicator>> comms;
-  for (int r = 0; r < n; ++r) {
-    auto c = (*group)->Rank(r);
-    ASSERT_TRUE(c.ok());
-    comms.push_back(std::move(*c));
+// `n` ranks joined over TCP on 127.0.0.1 (a free port), as processes join.
+std::vector<std::unique_ptr<Communicator>> SocketGroup(int n) {
+  std::vector<std::unique_ptr<Communicator>> comms(n);
+  auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
+  EXPECT_TRUE(listener.ok()) << listener.status().ToString();
+  if (!listener.ok()) return {};
+  const int port = (*listener)->port();
+  std::vector<std::thread> joins;
+  for (int r = 1; r < n; ++r) {
+    joins.emplace_back([&, r] {
+      auto c = ConnectSocketComm({"127.0.0.1", port}, r, n, 10);
+      EXPECT_TRUE(c.ok()) << c.status().ToString();
+      if (c.ok()) comms[r] = std::move(*c);
+    });
   }
+  if (n == 1) {
+    comms[0] = std::move((*listener)->Accept(1, 1).value());
+  } else {
+    auto c = (*listener)->Accept(n, 10);
+    EXPECT_TRUE(c.ok()) << c.status().ToString();
+    if (c.ok()) comms[0] = std::move(*c);
+  }
+  for (auto& t : joins) t.join();
+  return comms;
+}
+
+// Runs body(rank, comm) on `n` threads, one per rank, over a group of `kind`.
+void RunRanks(const std::string& kind, int n, const std::function<void(int, Communicator&)>& body) {
+  std::vector<std::unique_ptr<Communicator>> comms;
+  if (kind == "socket") {
+    comms = SocketGroup(n);
+  } else {
+    auto group = InProcessCommGroup::Create(n);
+    ASSERT_TRUE(group.ok()) << group.status().ToString();
+    for (int r = 0; r < n; ++r) {
+      auto c = (*group)->Rank(r);
+      ASSERT_TRUE(c.ok());
+      comms.push_back(std::move(*c));
+    }
+  }
+  ASSERT_EQ(static_cast<int>(comms.size()), n);
+  for (const auto& c : comms) ASSERT_NE(c, nullptr);
   std::vector<std::thread> threads;
   for (int r = 0; r < n; ++r) threads.emplace_back([&, r] { body(r, *comms[r]); });
   for (auto& t : threads) t.join();
@@ -38,10 +74,16 @@ std::vector<float> RankData(int rank, int64_t count) {
   return v;
 }
 
-class CommSizeTest : public ::testing::TestWithParam<int> {};
+class CommSizeTest : public ::testing::TestWithParam<std::tuple<std::string, int>> {
+ protected:
+  const std::string kind = std::get<0>(GetParam());
+  void RunRanks(int n, const std::function<void(int, Communicator&)>& body) {
+    qilin::RunRanks(kind, n, body);
+  }
+};
 
 TEST_P(CommSizeTest, AllReduceSumEqualsTheSumInRankOrderOnEveryRank) {
-  const int n = GetParam();
+  const int n = std::get<1>(GetParam());
   for (int64_t count : {int64_t{1}, int64_t{7}, int64_t{1000}, int64_t{4099}}) {
     std::vector<float> want(count, 0.0f);
     for (int r = 0; r < n; ++r) {
@@ -66,7 +108,7 @@ TEST_P(CommSizeTest, AllReduceSumEqualsTheSumInRankOrderOnEveryRank) {
 }
 
 TEST_P(CommSizeTest, AllGatherConcatenatesInRankOrder) {
-  const int n = GetParam();
+  const int n = std::get<1>(GetParam());
   const int64_t count = 37;
   std::vector<float> want;
   for (int r = 0; r < n; ++r) {
@@ -83,7 +125,7 @@ TEST_P(CommSizeTest, AllGatherConcatenatesInRankOrder) {
 }
 
 TEST_P(CommSizeTest, BroadcastCopiesTheRootsBytes) {
-  const int n = GetParam();
+  const int n = std::get<1>(GetParam());
   for (int root = 0; root < n; ++root) {
     std::vector<std::vector<float>> got(n);
     RunRanks(n, [&](int r, Communicator& c) {
@@ -96,7 +138,7 @@ TEST_P(CommSizeTest, BroadcastCopiesTheRootsBytes) {
 }
 
 TEST_P(CommSizeTest, MismatchedSizesFailOnEveryRankWithoutHanging) {
-  const int n = GetParam();
+  const int n = std::get<1>(GetParam());
   if (n == 1) GTEST_SKIP() << "one rank has nobody to disagree with";
   std::vector<Status> st(n);
   RunRanks(n, [&](int r, Communicator& c) {
@@ -115,11 +157,19 @@ TEST_P(CommSizeTest, MismatchedSizesFailOnEveryRankWithoutHanging) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Ranks, CommSizeTest, ::testing::Values(1, 2, 3, 4, 8));
+INSTANTIATE_TEST_SUITE_P(Ranks, CommSizeTest,
+                         ::testing::Combine(::testing::Values("inprocess", "socket"),
+                                            ::testing::Values(1, 2, 3, 4, 8)),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + "_" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
 
-TEST(CommTest, AbortReleasesRanksWaitingInACollective) {
+class CommKindTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CommKindTest, AbortReleasesRanksWaitingInACollective) {
   std::vector<Status> st(3);
-  RunRanks(3, [&](int r, Communicator& c) {
+  RunRanks(GetParam(), 3, [&](int r, Communicator& c) {
     if (r == 2) {
       // Rank 2 never joins; it gives up instead.
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -135,6 +185,8 @@ TEST(CommTest, AbortReleasesRanksWaitingInACollective) {
         << st[r].message();
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Kinds, CommKindTest, ::testing::Values("inprocess", "socket"));
 
 TEST(CommTest, BadArguments) {
   EXPECT_FALSE(InProcessCommGroup::Create(0).ok());
@@ -207,12 +259,14 @@ TEST(CommBatchTest, RoundTripAndEveryTruncationIsRefused) {
 }
 
 TEST(CommBatchTest, BroadcastForwardBatchFromRankZero) {
-  std::vector<ForwardBatch> got(3);
-  RunRanks(3, [&](int r, Communicator& c) {
-    if (r == 0) got[r] = SampleBatch();
-    EXPECT_TRUE(BroadcastForwardBatch(c, &got[r], 0).ok());
-  });
-  for (int r = 0; r < 3; ++r) ExpectSameBatch(got[r], SampleBatch());
+  for (const char* kind : {"inprocess", "socket"}) {
+    std::vector<ForwardBatch> got(3);
+    RunRanks(kind, 3, [&](int r, Communicator& c) {
+      if (r == 0) got[r] = SampleBatch();
+      EXPECT_TRUE(BroadcastForwardBatch(c, &got[r], 0).ok());
+    });
+    for (int r = 0; r < 3; ++r) ExpectSameBatch(got[r], SampleBatch());
+  }
 }
 
 }  // namespace
