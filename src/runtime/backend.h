@@ -52,6 +52,10 @@ class Backend {
 
   // Copies whole KV blocks (src -> dst), for copy-on-write when sequences fork.
   virtual Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) = 0;
+
+  // OK while the backend can run steps; once it never can again (a tensor-parallel rank lost),
+  // why not. Any thread may call it.
+  virtual Status Health() const { return Status::Ok(); }
 };
 
 }  // namespace qilin

@@ -8,6 +8,7 @@
 
 #include "runtime/comm_batch.h"
 #include "runtime/cuda_device_comm.h"
+#include "runtime/tp_driver.h"
 #include "runtime/validate_batch.h"
 
 #ifdef QILIN_HAVE_NCCL
@@ -17,15 +18,6 @@
 namespace qilin {
 
 namespace {
-
-// What rank 0 broadcasts to the other ranks for each call.
-enum Op : int64_t { kForward = 1, kAllocateKv = 2, kCopyKv = 3, kShutdown = 4 };
-struct Command {
-  int64_t op = 0;
-  int64_t a = 0;
-  int64_t b = 0;
-  int64_t payload_bytes = 0;
-};
 
 // Makes `device` current for a scope and restores the caller's device after.
 class DeviceScope {
@@ -49,7 +41,7 @@ class DeviceScope {
 
 }  // namespace
 
-struct CudaTpBackend::Rank {
+struct CudaTpBackend::Rank : TpRankWorker {
   int device = 0;
   ShardPlan plan;
   ModelConfig local;
@@ -59,42 +51,40 @@ struct CudaTpBackend::Rank {
 #endif
   std::unique_ptr<DeviceComm> dcomm;
   std::unique_ptr<CudaBackend> backend;  // destroyed first
-  Status status;                         // of the last call
 
-  Status Execute(const Command& cmd, const std::vector<uint8_t>& payload,
-                 const ForwardBatch* root_batch, std::vector<float>* logits);
+  Status AllocateKv(int32_t num_blocks, int32_t block_size) override {
+    DeviceScope scope(device);
+    return backend->AllocateKvCache({num_blocks, block_size});
+  }
+  Status CopyKv(const std::vector<std::pair<int32_t, int32_t>>& src_dst) override {
+    DeviceScope scope(device);
+    return backend->CopyKvBlocks(src_dst);
+  }
+  Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override {
+    DeviceScope scope(device);
+    return backend->Forward(batch, logits);
+  }
+  // Uploads this rank's shard of `weights` (host views and column copies, dropped after; the
+  // embedding stays whole) to its device, with `dcomm` as its collectives.
+  Status Upload(const ModelConfig& config, const ModelWeights& weights,
+                const CudaBackendOptions& options);
 };
 
-Status CudaTpBackend::Rank::Execute(const Command& cmd, const std::vector<uint8_t>& payload,
-                                    const ForwardBatch* root_batch, std::vector<float>* logits) {
-  switch (cmd.op) {
-    case kAllocateKv:
-      return backend->AllocateKvCache({static_cast<int32_t>(cmd.a), static_cast<int32_t>(cmd.b)});
-    case kCopyKv: {
-      const size_t pairs = payload.size() / (2 * sizeof(int32_t));
-      const int32_t* p = reinterpret_cast<const int32_t*>(payload.data());
-      std::vector<std::pair<int32_t, int32_t>> src_dst(pairs);
-      for (size_t i = 0; i < pairs; ++i) src_dst[i] = {p[2 * i], p[2 * i + 1]};
-      return backend->CopyKvBlocks(src_dst);
-    }
-    case kForward: {
-      Result<ForwardBatch> decoded = root_batch != nullptr
-                                         ? Result<ForwardBatch>(ForwardBatch{})
-                                         : DecodeForwardBatch(payload.data(), payload.size());
-      float ok = decoded.ok() ? 1.0f : 0.0f;
-      QILIN_RETURN_IF_ERROR(comm->AllReduceSum(&ok, 1));
-      if (!decoded.ok()) return decoded.status();
-      if (ok != static_cast<float>(plan.world_size)) {
-        return Internal("tensor parallel: another rank could not decode the step's batch");
-      }
-      Status st = backend->Forward(root_batch != nullptr ? *root_batch : *decoded, logits);
-      // The other ranks may be waiting in a collective this rank will not reach.
-      if (!st.ok()) comm->Abort(fmt::format("rank {}: {}", plan.rank, st.ToString()));
-      return st;
-    }
-    default:
-      return Internal("tensor parallel: unknown command {}", cmd.op);
+Status CudaTpBackend::Rank::Upload(const ModelConfig& config, const ModelWeights& weights,
+                                   const CudaBackendOptions& options) {
+  DeviceScope scope(device);
+  QILIN_ASSIGN_OR_RETURN(ModelWeights shard, ShardWeights(weights, config, plan));
+  shard.embed_tokens = weights.embed_tokens;
+  CudaBackendOptions o = options;
+  o.tp_comm = dcomm.get();
+  o.tp_plan = plan;
+  auto made = CudaBackend::Create(local, shard, o);
+  if (!made.ok()) {
+    return made.status().WithContext(
+        fmt::format("tensor parallel rank {} on CUDA device {}", plan.rank, device));
   }
+  backend = std::move(made).value();
+  return Status::Ok();
 }
 
 CudaTpBackend::CudaTpBackend(const ModelConfig& config) : config_(config) {}
@@ -121,6 +111,7 @@ Result<std::unique_ptr<CudaTpBackend>> CudaTpBackend::Create(const ModelConfig& 
     QILIN_ASSIGN_OR_RETURN(rank->plan, MakeShardPlan(config, tp, r));
     rank->local = ShardedLayerConfig(config, rank->plan);
     QILIN_ASSIGN_OR_RETURN(rank->comm, b->group_->Rank(r));
+    b->plans_.push_back(rank->plan);
     b->ranks_.push_back(std::move(rank));
   }
 #ifdef QILIN_HAVE_NCCL
@@ -128,18 +119,19 @@ Result<std::unique_ptr<CudaTpBackend>> CudaTpBackend::Create(const ModelConfig& 
     // ncclCommInitRank blocks until every rank has joined: one thread per rank.
     QILIN_ASSIGN_OR_RETURN(std::string id, NcclUniqueId());
     std::vector<std::thread> init;
+    std::vector<Status> made(tp);
     for (int r = 0; r < tp; ++r) {
       init.emplace_back([&, r] {
         Rank& rk = *b->ranks_[r];
         auto c = NcclCommunicator::Create(tp, r, id, rk.device, /*synchronous=*/false);
-        rk.status = c.ok() ? Status::Ok() : c.status();
+        made[r] = c.status();
         if (c.ok()) rk.nccl = std::move(c).value();
       });
     }
     for (std::thread& t : init) t.join();
     for (auto& rk : b->ranks_) {
       QILIN_RETURN_IF_ERROR(
-          rk->status.WithContext(fmt::format("tensor parallel rank {}", rk->plan.rank)));
+          made[rk->plan.rank].WithContext(fmt::format("tensor parallel rank {}", rk->plan.rank)));
       rk->dcomm = std::make_unique<NcclDeviceComm>(rk->nccl.get());
     }
   }
@@ -147,56 +139,95 @@ Result<std::unique_ptr<CudaTpBackend>> CudaTpBackend::Create(const ModelConfig& 
   for (auto& rk : b->ranks_) {
     if (!rk->dcomm) rk->dcomm = std::make_unique<StagedDeviceComm>(rk->comm.get());
   }
-  // Each rank's shard (host views and column copies) is uploaded and dropped in turn; the
-  // embedding stays whole.
-  for (auto& rk : b->ranks_) {
-    DeviceScope scope(rk->device);
-    QILIN_ASSIGN_OR_RETURN(ModelWeights shard, ShardWeights(weights, config, rk->plan));
-    shard.embed_tokens = weights.embed_tokens;
-    CudaBackendOptions o = options.cuda;
-    o.tp_comm = rk->dcomm.get();
-    o.tp_plan = rk->plan;
-    auto backend = CudaBackend::Create(rk->local, shard, o);
-    if (!backend.ok()) {
-      return backend.status().WithContext(
-          fmt::format("tensor parallel rank {} on CUDA device {}", rk->plan.rank, rk->device));
-    }
-    rk->backend = std::move(backend).value();
-  }
-  // Ranks 1..N-1 follow rank 0's broadcasts until kShutdown or an abort.
+  for (auto& rk : b->ranks_) QILIN_RETURN_IF_ERROR(rk->Upload(config, weights, options.cuda));
+  // Ranks 1..N-1 follow rank 0's broadcasts until it shuts them down or the group fails.
   for (int r = 1; r < tp; ++r) {
     b->threads_.emplace_back([rank = b->ranks_[r].get()] {
       cudaSetDevice(rank->device);
-      while (true) {
-        Command cmd;
-        if (!rank->comm->Broadcast(&cmd, sizeof(cmd), 0).ok()) return;
-        std::vector<uint8_t> payload;
-        try {
-          payload.resize(cmd.payload_bytes);
-        } catch (const std::bad_alloc&) {
-          rank->comm->Abort("cannot allocate a command's payload");
-          return;
-        }
-        if (cmd.payload_bytes > 0 &&
-            !rank->comm->Broadcast(payload.data(), cmd.payload_bytes, 0).ok())
-          return;
-        if (cmd.op == kShutdown) return;
-        try {
-          rank->status = rank->Execute(cmd, payload, nullptr, nullptr);
-        } catch (const std::bad_alloc&) {
-          rank->comm->Abort("out of host memory in a step");
-          return;
-        }
-        if (!rank->comm->Barrier().ok()) return;
-      }
+      (void)TpFollow(*rank->comm, *rank);
     });
   }
   return b;
 }
 
+Result<std::unique_ptr<CudaTpBackend::Rank>> CudaTpBackend::JoinProcessGroup(
+    const ModelConfig& config, const ModelWeights& weights, std::unique_ptr<Communicator> comm,
+    int device, const CudaTpOptions& options) {
+  const int tp = comm->world_size(), r = comm->rank();
+  auto rank = std::make_unique<Rank>();
+  rank->device = device;
+  Status st = CheckShardable(config, tp);
+  if (st.ok() && (device < 0 || device >= CudaDeviceCount())) {
+    st = Unavailable("tensor parallel rank {}: CUDA device {} is not visible ({} visible)", r,
+                     device, CudaDeviceCount());
+  }
+  if (st.ok()) {
+    Result<ShardPlan> plan = MakeShardPlan(config, tp, r);
+    st = plan.status();
+    if (plan.ok()) rank->plan = *plan;
+  }
+  if (st.ok()) rank->local = ShardedLayerConfig(config, rank->plan);
+  QILIN_RETURN_IF_ERROR(TpExchangeStatus(*comm, st));
+  rank->comm = std::move(comm);
+#ifdef QILIN_HAVE_NCCL
+  if (!options.force_staged) {
+    // Rank 0's NCCL id reaches the other processes over the socket group.
+    std::string id(128, '\0');
+    if (r == 0) {
+      Result<std::string> made = NcclUniqueId();
+      st = made.status();
+      if (made.ok()) id = *made;
+    }
+    QILIN_RETURN_IF_ERROR(TpExchangeStatus(*rank->comm, st));
+    int64_t id_bytes = static_cast<int64_t>(id.size());
+    QILIN_RETURN_IF_ERROR(rank->comm->Broadcast(&id_bytes, sizeof id_bytes, 0));
+    id.resize(static_cast<size_t>(id_bytes));
+    QILIN_RETURN_IF_ERROR(rank->comm->Broadcast(id.data(), id_bytes, 0));
+    auto c = NcclCommunicator::Create(tp, r, id, device, /*synchronous=*/false);
+    st = c.status();
+    if (c.ok()) rank->nccl = std::move(c).value();
+    QILIN_RETURN_IF_ERROR(TpExchangeStatus(*rank->comm, st));
+    rank->dcomm = std::make_unique<NcclDeviceComm>(rank->nccl.get());
+  }
+#endif
+  if (!rank->dcomm) rank->dcomm = std::make_unique<StagedDeviceComm>(rank->comm.get());
+  QILIN_RETURN_IF_ERROR(TpExchangeStatus(*rank->comm, rank->Upload(config, weights, options.cuda)));
+  return rank;
+}
+
+Result<std::unique_ptr<CudaTpBackend>> CudaTpBackend::CreateLeader(
+    const ModelConfig& config, const ModelWeights& weights, std::unique_ptr<Communicator> comm,
+    int device, CudaTpOptions options) {
+  if (comm->rank() != 0) {
+    return InvalidArgument("tensor parallel: the leader must be rank 0, not {}", comm->rank());
+  }
+  std::unique_ptr<CudaTpBackend> b(new CudaTpBackend(config));
+  for (int r = 0; r < comm->world_size(); ++r) {
+    QILIN_ASSIGN_OR_RETURN(ShardPlan plan, MakeShardPlan(config, comm->world_size(), r));
+    b->plans_.push_back(plan);
+  }
+  QILIN_ASSIGN_OR_RETURN(std::unique_ptr<Rank> rank,
+                         JoinProcessGroup(config, weights, std::move(comm), device, options));
+  b->ranks_.push_back(std::move(rank));
+  b->shutdown_ = true;
+  return b;
+}
+
+Status CudaTpBackend::Follow(const ModelConfig& config, const ModelWeights& weights,
+                             std::unique_ptr<Communicator> comm, int device,
+                             CudaTpOptions options) {
+  QILIN_ASSIGN_OR_RETURN(std::unique_ptr<Rank> rank,
+                         JoinProcessGroup(config, weights, std::move(comm), device, options));
+  cudaSetDevice(device);
+  Status st = TpFollow(*rank->comm, *rank);
+  DeviceScope scope(device);
+  rank.reset();
+  return st;
+}
+
 CudaTpBackend::~CudaTpBackend() {
   // Only once the follower threads run (a Create that failed before them has none to stop).
-  if (!threads_.empty()) (void)RunOnAllRanks(kShutdown, 0, 0, {}, nullptr, nullptr);
+  if (!threads_.empty() || shutdown_) (void)TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kShutdown);
   for (std::thread& t : threads_) t.join();
   for (auto& rk : ranks_) {
     DeviceScope scope(rk->device);
@@ -207,40 +238,15 @@ CudaTpBackend::~CudaTpBackend() {
 std::string CudaTpBackend::collectives() const {
   return ranks_.empty() ? "" : ranks_[0]->dcomm->name();
 }
-const ShardPlan& CudaTpBackend::plan(int rank) const { return ranks_.at(rank)->plan; }
+const ShardPlan& CudaTpBackend::plan(int rank) const { return plans_.at(rank); }
 int CudaTpBackend::device(int rank) const { return ranks_.at(rank)->device; }
 CudaBackend& CudaTpBackend::rank_backend(int rank) { return *ranks_.at(rank)->backend; }
-
-Status CudaTpBackend::RunOnAllRanks(int64_t op, int64_t a, int64_t b, std::vector<uint8_t> payload,
-                                    const ForwardBatch* batch, std::vector<float>* logits) {
-  Rank& r0 = *ranks_[0];
-  Command cmd{op, a, b, static_cast<int64_t>(payload.size())};
-  QILIN_RETURN_IF_ERROR(r0.comm->Broadcast(&cmd, sizeof(cmd), 0));
-  if (cmd.payload_bytes > 0) {
-    QILIN_RETURN_IF_ERROR(r0.comm->Broadcast(payload.data(), cmd.payload_bytes, 0));
-  }
-  if (op == kShutdown) return Status::Ok();
-  {
-    DeviceScope scope(r0.device);
-    try {
-      r0.status = r0.Execute(cmd, payload, batch, logits);
-    } catch (const std::bad_alloc&) {
-      r0.comm->Abort("out of host memory in a step");
-      return ResourceExhausted("tensor parallel rank 0: out of host memory in a step");
-    }
-  }
-  const Status barrier = r0.comm->Barrier();
-  for (const auto& r : ranks_) {
-    if (!r->status.ok()) {
-      return r->status.WithContext(fmt::format("tensor parallel rank {}", r->plan.rank));
-    }
-  }
-  return barrier;
-}
 
 int64_t CudaTpBackend::KvBytesPerToken() const {
   int64_t total = 0;
   for (const auto& r : ranks_) total += r->backend->KvBytesPerToken();
+  // Ranks in other processes hold as many KV heads as rank 0 (ShardPlan replicates evenly).
+  total += (tp() - static_cast<int64_t>(ranks_.size())) * ranks_[0]->backend->KvBytesPerToken();
   return total;
 }
 
@@ -267,35 +273,30 @@ Status CudaTpBackend::AllocateKvCache(const KvCacheLayout& layout) {
                            layout.num_blocks, layout.block_size);
   }
   layout_ = KvCacheLayout{0, layout.block_size};
-  QILIN_RETURN_IF_ERROR(
-      RunOnAllRanks(kAllocateKv, layout.num_blocks, layout.block_size, {}, nullptr, nullptr));
+  QILIN_RETURN_IF_ERROR(health_.Note(TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kAllocateKv,
+                                            layout.num_blocks, layout.block_size)));
   layout_ = layout;
   return Status::Ok();
 }
 
 Status CudaTpBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
-  std::vector<uint8_t> payload(src_dst.size() * 2 * sizeof(int32_t));
-  int32_t* p = reinterpret_cast<int32_t*>(payload.data());
-  for (size_t i = 0; i < src_dst.size(); ++i) {
-    const auto [src, dst] = src_dst[i];
+  for (const auto& [src, dst] : src_dst) {
     for (int32_t blk : {src, dst}) {
       if (blk < 0 || blk >= layout_.num_blocks) {
         return InvalidArgument("CopyKvBlocks: block {} is outside the pool of {} blocks", blk,
                                layout_.num_blocks);
       }
     }
-    p[2 * i] = src;
-    p[2 * i + 1] = dst;
   }
   if (src_dst.empty()) return Status::Ok();
-  return RunOnAllRanks(kCopyKv, 0, 0, std::move(payload), nullptr, nullptr);
+  return health_.Note(TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kCopyKv, 0, 0, nullptr, &src_dst));
 }
 
 Status CudaTpBackend::Forward(const ForwardBatch& batch, std::vector<float>* logits) {
   QILIN_RETURN_IF_ERROR(ValidateForwardBatch(batch, config_, layout_));
   if (logits == nullptr) return InvalidArgument("CudaTpBackend::Forward: no logits vector");
-  if (tp() == 1) return RunOnAllRanks(kForward, 0, 0, {}, &batch, logits);
-  return RunOnAllRanks(kForward, 0, 0, EncodeForwardBatch(batch), &batch, logits);
+  return health_.Note(
+      TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kForward, 0, 0, &batch, nullptr, logits));
 }
 
 }  // namespace qilin

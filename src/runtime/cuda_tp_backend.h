@@ -2,16 +2,17 @@
 // (model/shard.h) with its share of the KV cache, behind the Backend interface like TpCpuBackend
 // (`qilin generate --tp N --device cuda`).
 //
-// Rank r runs on GPU r % device_count. The calling thread is rank 0: it validates each call and
-// broadcasts it (for Forward, the encoded ForwardBatch) over an in-process Communicator to ranks
-// 1..N-1, threads looping on those broadcasts. Per layer each rank runs its heads and MLP rows;
+// With Create, rank r is a thread on GPU r % device_count; with CreateLeader / Follow each rank
+// is a process (socket_comm.h). The calling thread is rank 0: it validates each call and
+// broadcasts it (for Forward, the encoded ForwardBatch) to ranks 1..N-1, which loop on those
+// broadcasts (runtime/tp_driver.h). Per layer each rank runs its heads and MLP rows;
 // the o_proj and down_proj outputs are all-reduced on the device (CudaBackendOptions::tp_comm).
 // The embedding is replicated on every rank (no collective); the lm_head is vocab-parallel and
 // its logits are all-gathered to the full vocabulary on rank 0.
 //
 // Collectives: NCCL on each rank's stream when every rank has a GPU of its own and the build has
 // NCCL (CUDA graphs stay on: NCCL calls are captured); otherwise "staged" through host memory
-// and the in-process Communicator (exact, rank order; no CUDA graphs). Device sampling is off.
+// and the host Communicator (exact, rank order; no CUDA graphs). Device sampling is off.
 #pragma once
 
 #include <memory>
@@ -26,6 +27,7 @@
 #include "runtime/backend.h"
 #include "runtime/comm.h"
 #include "runtime/cuda_backend.h"
+#include "runtime/tp_driver.h"
 
 namespace qilin {
 
@@ -44,6 +46,19 @@ class CudaTpBackend : public Backend {
   static Result<std::unique_ptr<CudaTpBackend>> Create(const ModelConfig& config,
                                                        const ModelWeights& weights, int tp,
                                                        CudaTpOptions options = {});
+  // Rank 0 of a group of processes (`qilin serve --tp N --tp-launch process|mpi`): `comm` reaches
+  // ranks 1..N-1, each running Follow; this rank runs on CUDA device `device`. Collectives over
+  // NCCL (its id sent over `comm`) unless options.force_staged or a build without NCCL; then
+  // staged through `comm`. The KV pool is sized from rank 0's GPU (ranks have equal shares).
+  static Result<std::unique_ptr<CudaTpBackend>> CreateLeader(const ModelConfig& config,
+                                                             const ModelWeights& weights,
+                                                             std::unique_ptr<Communicator> comm,
+                                                             int device,
+                                                             CudaTpOptions options = {});
+  // Rank comm->rank() > 0 of such a group, on CUDA device `device`: uploads its shard, then runs
+  // rank 0's calls until rank 0 shuts the group down (OK) or it fails.
+  static Status Follow(const ModelConfig& config, const ModelWeights& weights,
+                       std::unique_ptr<Communicator> comm, int device, CudaTpOptions options = {});
   ~CudaTpBackend() override;
 
   std::string name() const override { return "cuda"; }
@@ -57,11 +72,14 @@ class CudaTpBackend : public Backend {
   const KvCacheLayout& kv_layout() const override { return layout_; }
   Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
   Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) override;
+  // The group's failure once a call found it aborted (a rank lost, or one that gave up).
+  Status Health() const override { return health_.Get(); }
 
-  int tp() const { return static_cast<int>(ranks_.size()); }
+  int tp() const { return static_cast<int>(plans_.size()); }
   // "nccl" or "staged".
   std::string collectives() const;
   const ShardPlan& plan(int rank) const;
+  // Ranks in this process only (all of them with Create, rank 0 with CreateLeader).
   int device(int rank) const;
   CudaBackend& rank_backend(int rank);
 
@@ -69,14 +87,21 @@ class CudaTpBackend : public Backend {
 
  private:
   explicit CudaTpBackend(const ModelConfig& config);
-  Status RunOnAllRanks(int64_t op, int64_t a, int64_t b, std::vector<uint8_t> payload,
-                       const ForwardBatch* batch, std::vector<float>* logits);
+  // A process's rank: its plan, NCCL (or staged) collectives and uploaded shard, each step
+  // agreed with the other ranks (the first failing rank's error on every rank).
+  static Result<std::unique_ptr<Rank>> JoinProcessGroup(const ModelConfig& config,
+                                                        const ModelWeights& weights,
+                                                        std::unique_ptr<Communicator> comm,
+                                                        int device, const CudaTpOptions& options);
 
   ModelConfig config_;
   KvCacheLayout layout_;
+  std::vector<ShardPlan> plans_;  // every rank's
   std::shared_ptr<InProcessCommGroup> group_;
-  std::vector<std::unique_ptr<Rank>> ranks_;
-  std::vector<std::thread> threads_;  // ranks 1..N-1
+  std::vector<std::unique_ptr<Rank>> ranks_;  // this process's: rank 0 first
+  std::vector<std::thread> threads_;          // ranks 1..N-1 with Create
+  TpGroupHealth health_;
+  bool shutdown_ = false;  // other processes to shut down at the end
 };
 
 }  // namespace qilin

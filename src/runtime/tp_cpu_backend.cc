@@ -15,6 +15,7 @@
 #include "runtime/comm_batch.h"
 #include "runtime/cpu_backend.h"
 #include "runtime/rope_tables.h"
+#include "runtime/tp_driver.h"
 #include "runtime/validate_batch.h"
 
 namespace qilin {
@@ -25,18 +26,10 @@ using cpu::WeightRef;
 
 WeightRef Ref(const TensorView& t) { return WeightRef{t.dtype, t.data}; }
 
-// What rank 0 broadcasts to the other ranks for each call.
-enum Op : int64_t { kForward = 1, kAllocateKv = 2, kCopyKv = 3, kShutdown = 4 };
-struct Command {
-  int64_t op = 0;
-  int64_t a = 0;
-  int64_t b = 0;
-  int64_t payload_bytes = 0;
-};
-
 }  // namespace
 
-struct TpCpuBackend::Rank {
+struct TpCpuBackend::Rank : TpRankWorker {
+  const ModelConfig* full = nullptr;  // the whole model's config (the backend's)
   ShardPlan plan;
   ModelConfig local;  // the rank's heads, KV heads and MLP width
   ModelWeights w;
@@ -51,43 +44,14 @@ struct TpCpuBackend::Rank {
   std::vector<float> x, h, q, k, v, attn, gate, up, partial, rope_cos, rope_sin, logn, rows,
       local_logits, gathered;
 
-  Status status;  // of the last call, read by rank 0 after the closing barrier
-
-  Status Execute(const ModelConfig& c, const Command& cmd, const std::vector<uint8_t>& payload,
-                 const ForwardBatch* root_batch, std::vector<float>* logits);
-  Status Allocate(const ModelConfig& c, int32_t num_blocks, int32_t block_size);
-  Status CopyBlocks(const ModelConfig& c, const std::vector<uint8_t>& payload);
-  Status Forward(const ModelConfig& c, const ForwardBatch& batch, std::vector<float>* logits);
+  Status AllocateKv(int32_t num_blocks, int32_t block_size) override;
+  Status CopyKv(const std::vector<std::pair<int32_t, int32_t>>& src_dst) override;
+  Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
   void ComputeRope(const ModelConfig& c, const ForwardBatch& b);
 };
 
-Status TpCpuBackend::Rank::Execute(const ModelConfig& c, const Command& cmd,
-                                   const std::vector<uint8_t>& payload,
-                                   const ForwardBatch* root_batch, std::vector<float>* logits) {
-  switch (cmd.op) {
-    case kAllocateKv:
-      return Allocate(c, static_cast<int32_t>(cmd.a), static_cast<int32_t>(cmd.b));
-    case kCopyKv:
-      return CopyBlocks(c, payload);
-    case kForward: {
-      // Every rank agrees that it has the batch before the first collective of the step.
-      Result<ForwardBatch> decoded = root_batch != nullptr
-                                         ? Result<ForwardBatch>(ForwardBatch{})
-                                         : DecodeForwardBatch(payload.data(), payload.size());
-      float ok = decoded.ok() ? 1.0f : 0.0f;
-      QILIN_RETURN_IF_ERROR(comm->AllReduceSum(&ok, 1));
-      if (!decoded.ok()) return decoded.status();
-      if (ok != static_cast<float>(plan.world_size)) {
-        return Internal("tensor parallel: another rank could not decode the step's batch");
-      }
-      return Forward(c, root_batch != nullptr ? *root_batch : *decoded, logits);
-    }
-    default:
-      return Internal("tensor parallel: unknown command {}", cmd.op);
-  }
-}
-
-Status TpCpuBackend::Rank::Allocate(const ModelConfig& c, int32_t num_blocks, int32_t bs) {
+Status TpCpuBackend::Rank::AllocateKv(int32_t num_blocks, int32_t bs) {
+  const ModelConfig& c = *full;
   const int64_t slots = static_cast<int64_t>(num_blocks) * bs;
   const int64_t kvs = local.kv_size();
   k_cache.clear();
@@ -112,12 +76,14 @@ Status TpCpuBackend::Rank::Allocate(const ModelConfig& c, int32_t num_blocks, in
   return Status::Ok();
 }
 
-Status TpCpuBackend::Rank::CopyBlocks(const ModelConfig& c, const std::vector<uint8_t>& payload) {
-  const size_t pairs = payload.size() / (2 * sizeof(int32_t));
-  const int32_t* p = reinterpret_cast<const int32_t*>(payload.data());
+Status TpCpuBackend::Rank::CopyKv(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
+  const ModelConfig& c = *full;
   const int64_t block_floats = static_cast<int64_t>(block_size) * local.kv_size();
-  for (size_t i = 0; i < pairs; ++i) {
-    const int64_t src = p[2 * i], dst = p[2 * i + 1];
+  for (const auto& [src, dst] : src_dst) {
+    if (src < 0 || dst < 0 ||
+        (static_cast<int64_t>(std::max(src, dst)) + 1) * block_size > num_slots) {
+      return InvalidArgument("CopyKvBlocks: block pair ({}, {}) is outside the pool", src, dst);
+    }
     if (src == dst) continue;
     for (int64_t l = 0; l < c.num_layers; ++l) {
       for (auto* cache : {&k_cache[l], &v_cache[l]}) {
@@ -134,8 +100,8 @@ void TpCpuBackend::Rank::ComputeRope(const ModelConfig& c, const ForwardBatch& b
 }
 
 // One rank's share of a step. Collectives per step: 1 (embedding) + 2 per layer + 1 gather.
-Status TpCpuBackend::Rank::Forward(const ModelConfig& c, const ForwardBatch& batch,
-                                   std::vector<float>* logits) {
+Status TpCpuBackend::Rank::Forward(const ForwardBatch& batch, std::vector<float>* logits) {
+  const ModelConfig& c = *full;
   const int64_t n = batch.num_tokens();
   const int64_t m = static_cast<int64_t>(batch.logits_indices.size());
   const int64_t H = c.hidden_size, hd = c.head_dim, half = hd / 2;
@@ -254,55 +220,81 @@ Status TpCpuBackend::Rank::Forward(const ModelConfig& c, const ForwardBatch& bat
   return Status::Ok();
 }
 
-TpCpuBackend::TpCpuBackend(const ModelConfig& config, std::vector<std::unique_ptr<Rank>> ranks)
-    : config_(config), ranks_(std::move(ranks)) {}
+TpCpuBackend::TpCpuBackend(const ModelConfig& config) : config_(config) {}
+
+Result<std::unique_ptr<TpCpuBackend::Rank>> TpCpuBackend::MakeRank(const ModelConfig* config,
+                                                                   const ModelWeights& weights,
+                                                                   int tp, int r) {
+  auto rank = std::make_unique<Rank>();
+  rank->full = config;
+  QILIN_ASSIGN_OR_RETURN(rank->plan, MakeShardPlan(*config, tp, r));
+  rank->local = ShardedLayerConfig(*config, rank->plan);
+  QILIN_ASSIGN_OR_RETURN(rank->w, ShardWeights(weights, *config, rank->plan));
+  rank->base_freqs = cpu::ComputeRopeFreqs(*config, 0, 1.0);
+  return rank;
+}
+
+Status TpCpuBackend::CheckModel(const ModelConfig& config, const ModelWeights& weights, int tp) {
+  QILIN_RETURN_IF_ERROR(CheckShardable(config, tp));
+  // The unsharded CPU backend's checks of the config and of every tensor (views only).
+  return CpuBackend::Create(config, weights).status();
+}
+
+Status TpCpuBackend::SetPlans(int tp) {
+  for (int r = 0; r < tp; ++r) {
+    QILIN_ASSIGN_OR_RETURN(ShardPlan plan, MakeShardPlan(config_, tp, r));
+    plans_.push_back(plan);
+  }
+  return Status::Ok();
+}
 
 Result<std::unique_ptr<TpCpuBackend>> TpCpuBackend::Create(const ModelConfig& config,
                                                            const ModelWeights& weights, int tp) {
-  QILIN_RETURN_IF_ERROR(CheckShardable(config, tp));
-  // The unsharded CPU backend's checks of the config and of every tensor (views only).
-  QILIN_RETURN_IF_ERROR(CpuBackend::Create(config, weights).status());
+  QILIN_RETURN_IF_ERROR(CheckModel(config, weights, tp));
   QILIN_ASSIGN_OR_RETURN(std::shared_ptr<InProcessCommGroup> group, InProcessCommGroup::Create(tp));
-  std::vector<std::unique_ptr<Rank>> ranks;
+  std::unique_ptr<TpCpuBackend> b(new TpCpuBackend(config));
+  QILIN_RETURN_IF_ERROR(b->SetPlans(tp));
   for (int r = 0; r < tp; ++r) {
-    auto rank = std::make_unique<Rank>();
-    QILIN_ASSIGN_OR_RETURN(rank->plan, MakeShardPlan(config, tp, r));
-    rank->local = ShardedLayerConfig(config, rank->plan);
-    QILIN_ASSIGN_OR_RETURN(rank->w, ShardWeights(weights, config, rank->plan));
+    QILIN_ASSIGN_OR_RETURN(std::unique_ptr<Rank> rank, MakeRank(&b->config_, weights, tp, r));
     QILIN_ASSIGN_OR_RETURN(rank->comm, group->Rank(r));
-    rank->base_freqs = cpu::ComputeRopeFreqs(config, 0, 1.0);
-    ranks.push_back(std::move(rank));
+    b->ranks_.push_back(std::move(rank));
   }
-  std::unique_ptr<TpCpuBackend> b(new TpCpuBackend(config, std::move(ranks)));
   b->group_ = group;
-  // Ranks 1..N-1 follow rank 0's broadcasts until kShutdown or an abort.
+  // Ranks 1..N-1 follow rank 0's broadcasts until it shuts them down or the group fails.
   for (int r = 1; r < tp; ++r) {
-    b->threads_.emplace_back([rank = b->ranks_[r].get(), &config = b->config_] {
-      while (true) {
-        Command cmd;
-        if (!rank->comm->Broadcast(&cmd, sizeof(cmd), 0).ok()) return;
-        std::vector<uint8_t> payload;
-        try {
-          payload.resize(cmd.payload_bytes);
-        } catch (const std::bad_alloc&) {
-          rank->comm->Abort("cannot allocate a command's payload");
-          return;
-        }
-        if (cmd.payload_bytes > 0 &&
-            !rank->comm->Broadcast(payload.data(), cmd.payload_bytes, 0).ok())
-          return;
-        if (cmd.op == kShutdown) return;
-        try {
-          rank->status = rank->Execute(config, cmd, payload, nullptr, nullptr);
-        } catch (const std::bad_alloc&) {
-          rank->comm->Abort("out of memory in a step");
-          return;
-        }
-        if (!rank->comm->Barrier().ok()) return;
-      }
-    });
+    b->threads_.emplace_back([rank = b->ranks_[r].get()] { (void)TpFollow(*rank->comm, *rank); });
   }
   return b;
+}
+
+Result<std::unique_ptr<TpCpuBackend>> TpCpuBackend::CreateLeader(
+    const ModelConfig& config, const ModelWeights& weights, std::unique_ptr<Communicator> comm) {
+  if (comm->rank() != 0) {
+    return InvalidArgument("tensor parallel: the leader must be rank 0, not {}", comm->rank());
+  }
+  const int tp = comm->world_size();
+  std::unique_ptr<TpCpuBackend> b(new TpCpuBackend(config));
+  Status made = CheckModel(config, weights, tp);
+  if (made.ok()) made = b->SetPlans(tp);
+  Result<std::unique_ptr<Rank>> rank =
+      made.ok() ? MakeRank(&b->config_, weights, tp, 0) : Result<std::unique_ptr<Rank>>(made);
+  // Every rank has made its shard (or says why not) before the first call.
+  QILIN_RETURN_IF_ERROR(TpExchangeStatus(*comm, rank.status()));
+  (*rank)->comm = std::move(comm);
+  b->ranks_.push_back(std::move(rank).value());
+  b->shutdown_ = true;
+  return b;
+}
+
+Status TpCpuBackend::Follow(const ModelConfig& config, const ModelWeights& weights,
+                            std::unique_ptr<Communicator> comm) {
+  Status made = CheckModel(config, weights, comm->world_size());
+  Result<std::unique_ptr<Rank>> rank =
+      made.ok() ? MakeRank(&config, weights, comm->world_size(), comm->rank())
+                : Result<std::unique_ptr<Rank>>(made);
+  QILIN_RETURN_IF_ERROR(TpExchangeStatus(*comm, rank.status()));
+  (*rank)->comm = std::move(comm);
+  return TpFollow(*(*rank)->comm, **rank);
 }
 
 Result<std::unique_ptr<TpCpuBackend>> TpCpuBackend::Load(const ModelConfig& config,
@@ -315,40 +307,18 @@ Result<std::unique_ptr<TpCpuBackend>> TpCpuBackend::Load(const ModelConfig& conf
 }
 
 TpCpuBackend::~TpCpuBackend() {
-  (void)RunOnAllRanks(kShutdown, 0, 0, {}, nullptr, nullptr);
+  if (!threads_.empty() || shutdown_) (void)TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kShutdown);
   for (std::thread& t : threads_) t.join();
 }
 
-const ShardPlan& TpCpuBackend::plan(int rank) const { return ranks_.at(rank)->plan; }
+const ShardPlan& TpCpuBackend::plan(int rank) const { return plans_.at(rank); }
 const ModelWeights& TpCpuBackend::shard(int rank) const { return ranks_.at(rank)->w; }
-
-Status TpCpuBackend::RunOnAllRanks(int64_t op, int64_t a, int64_t b, std::vector<uint8_t> payload,
-                                   const ForwardBatch* batch, std::vector<float>* logits) {
-  Rank& r0 = *ranks_[0];
-  Command cmd{op, a, b, static_cast<int64_t>(payload.size())};
-  QILIN_RETURN_IF_ERROR(r0.comm->Broadcast(&cmd, sizeof(cmd), 0));
-  if (cmd.payload_bytes > 0) {
-    QILIN_RETURN_IF_ERROR(r0.comm->Broadcast(payload.data(), cmd.payload_bytes, 0));
-  }
-  if (op == kShutdown) return Status::Ok();
-  try {
-    r0.status = r0.Execute(config_, cmd, payload, batch, logits);
-  } catch (const std::bad_alloc&) {
-    r0.comm->Abort("out of memory in a step");
-    return ResourceExhausted("tensor parallel rank 0: out of memory in a step");
-  }
-  QILIN_RETURN_IF_ERROR(r0.comm->Barrier());
-  for (const auto& r : ranks_) {
-    if (!r->status.ok()) {
-      return r->status.WithContext(fmt::format("tensor parallel rank {}", r->plan.rank));
-    }
-  }
-  return Status::Ok();
-}
 
 int64_t TpCpuBackend::KvBytesPerToken() const {
   int64_t total = 0;
-  for (const auto& r : ranks_) total += config_.num_layers * 2 * r->local.kv_size() * 4;
+  for (const ShardPlan& p : plans_) {
+    total += config_.num_layers * 2 * ShardedLayerConfig(config_, p).kv_size() * 4;
+  }
   return total;
 }
 
@@ -365,10 +335,10 @@ Result<int32_t> TpCpuBackend::ProposeNumKvBlocks(int32_t block_size, double memo
   // Activations of one step on every rank: x, h, partial, q, k, v, attn, gate, up per token, the
   // rank's logits and the gathered ones per row.
   int64_t per_token = 0;
-  for (const auto& r : ranks_) {
-    const ModelConfig& l = r->local;
+  for (const ShardPlan& p : plans_) {
+    const ModelConfig l = ShardedLayerConfig(config_, p);
     per_token += 4 * config_.hidden_size + 2 * l.q_size() + 2 * l.kv_size() +
-                 2 * l.intermediate_size + (tp() + 1) * r->plan.vocab_per_rank;
+                 2 * l.intermediate_size + (tp() + 1) * p.vocab_per_rank;
   }
   const int64_t activations = static_cast<int64_t>(max_num_tokens) * per_token * 4;
   const double budget = static_cast<double>(avail) * memory_fraction - activations;
@@ -390,34 +360,29 @@ Status TpCpuBackend::AllocateKvCache(const KvCacheLayout& layout) {
                            layout.num_blocks, layout.block_size);
   }
   layout_ = KvCacheLayout{0, layout.block_size};
-  QILIN_RETURN_IF_ERROR(
-      RunOnAllRanks(kAllocateKv, layout.num_blocks, layout.block_size, {}, nullptr, nullptr));
+  QILIN_RETURN_IF_ERROR(health_.Note(TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kAllocateKv,
+                                            layout.num_blocks, layout.block_size)));
   layout_ = layout;
   return Status::Ok();
 }
 
 Status TpCpuBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
-  std::vector<uint8_t> payload(src_dst.size() * 2 * sizeof(int32_t));
-  int32_t* p = reinterpret_cast<int32_t*>(payload.data());
-  for (size_t i = 0; i < src_dst.size(); ++i) {
-    const auto [src, dst] = src_dst[i];
+  for (const auto& [src, dst] : src_dst) {
     for (int32_t blk : {src, dst}) {
       if (blk < 0 || blk >= layout_.num_blocks) {
         return InvalidArgument("CopyKvBlocks: block {} is outside the pool of {} blocks", blk,
                                layout_.num_blocks);
       }
     }
-    p[2 * i] = src;
-    p[2 * i + 1] = dst;
   }
   if (src_dst.empty()) return Status::Ok();
-  return RunOnAllRanks(kCopyKv, 0, 0, std::move(payload), nullptr, nullptr);
+  return health_.Note(TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kCopyKv, 0, 0, nullptr, &src_dst));
 }
 
 Status TpCpuBackend::Forward(const ForwardBatch& batch, std::vector<float>* logits) {
   QILIN_RETURN_IF_ERROR(ValidateForwardBatch(batch, config_, layout_));
-  if (tp() == 1) return RunOnAllRanks(kForward, 0, 0, {}, &batch, logits);
-  return RunOnAllRanks(kForward, 0, 0, EncodeForwardBatch(batch), &batch, logits);
+  return health_.Note(
+      TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kForward, 0, 0, &batch, nullptr, logits));
 }
 
 }  // namespace qilin

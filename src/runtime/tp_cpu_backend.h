@@ -4,11 +4,13 @@
 // and `qilin generate --tp N --device cpu` run it unchanged.
 //
 // The calling thread is rank 0: it validates each call and broadcasts it (for Forward, the
-// encoded ForwardBatch) to ranks 1..N-1, which loop on those broadcasts as the ranks of a
-// multi-process server would. Per layer: q/k/v, rope, the KV-cache write and attention for the
-// rank's heads, o_proj over its heads' columns, one all-reduce; then gate/up for its MLP rows,
-// down_proj over those columns, a second all-reduce. The embedding is vocab-parallel (one
-// all-reduce), and the lm_head's logits for the rank's vocabulary rows are all-gathered.
+// encoded ForwardBatch) to ranks 1..N-1, which loop on those broadcasts (runtime/tp_driver.h):
+// threads of this process (Create), or processes joined over a socket_comm.h group
+// (CreateLeader in rank 0's process, Follow in each other rank's). Per layer: q/k/v, rope, the
+// KV-cache write and attention for the rank's heads, o_proj over its heads' columns, one
+// all-reduce; then gate/up for its MLP rows, down_proj over those columns, a second all-reduce. The
+// embedding is vocab-parallel (one all-reduce), and the lm_head's logits for the rank's vocabulary
+// rows are all-gathered.
 #pragma once
 
 #include <filesystem>
@@ -23,6 +25,7 @@
 #include "model/weights.h"
 #include "runtime/backend.h"
 #include "runtime/comm.h"
+#include "runtime/tp_driver.h"
 
 namespace qilin {
 
@@ -36,6 +39,15 @@ class TpCpuBackend : public Backend {
   // Each rank loads only its slices of the checkpoint in `model_dir`.
   static Result<std::unique_ptr<TpCpuBackend>> Load(const ModelConfig& config,
                                                     const std::filesystem::path& model_dir, int tp);
+  // Rank 0 of a group of processes: `comm` reaches ranks 1..N-1 (N = its world size), each of
+  // which runs Follow. Returns once every rank has made its shard (or the first rank's error).
+  static Result<std::unique_ptr<TpCpuBackend>> CreateLeader(const ModelConfig& config,
+                                                            const ModelWeights& weights,
+                                                            std::unique_ptr<Communicator> comm);
+  // Rank comm->rank() > 0 of a group of processes: makes its shard of `weights` (only its slices
+  // are read), then runs rank 0's calls until rank 0 shuts the group down (OK) or it fails.
+  static Status Follow(const ModelConfig& config, const ModelWeights& weights,
+                       std::unique_ptr<Communicator> comm);
   ~TpCpuBackend() override;
 
   std::string name() const override { return "cpu"; }
@@ -48,25 +60,31 @@ class TpCpuBackend : public Backend {
   const KvCacheLayout& kv_layout() const override { return layout_; }
   Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
   Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) override;
+  // The group's failure once a call found it aborted (a rank lost, or one that gave up).
+  Status Health() const override { return health_.Get(); }
 
-  int tp() const { return static_cast<int>(ranks_.size()); }
+  int tp() const { return static_cast<int>(plans_.size()); }
   const ShardPlan& plan(int rank) const;
+  // Ranks in this process only (all of them with Create, rank 0 with CreateLeader).
   const ModelWeights& shard(int rank) const;
 
   struct Rank;
 
  private:
-  TpCpuBackend(const ModelConfig& config, std::vector<std::unique_ptr<Rank>> ranks);
-  // Rank 0's side of a call: broadcast it, run it on rank 0, collect every rank's status.
-  // `batch` is rank 0's batch of a Forward (the other ranks decode `payload`).
-  Status RunOnAllRanks(int64_t op, int64_t a, int64_t b, std::vector<uint8_t> payload,
-                       const ForwardBatch* batch, std::vector<float>* logits);
+  explicit TpCpuBackend(const ModelConfig& config);
+  static Status CheckModel(const ModelConfig& config, const ModelWeights& weights, int tp);
+  static Result<std::unique_ptr<Rank>> MakeRank(const ModelConfig* config,
+                                                const ModelWeights& weights, int tp, int rank);
+  Status SetPlans(int tp);
 
   ModelConfig config_;
   KvCacheLayout layout_;
+  std::vector<ShardPlan> plans_;  // every rank's
   std::shared_ptr<InProcessCommGroup> group_;
-  std::vector<std::unique_ptr<Rank>> ranks_;
-  std::vector<std::thread> threads_;  // ranks 1..N-1
+  std::vector<std::unique_ptr<Rank>> ranks_;  // this process's: rank 0 first
+  std::vector<std::thread> threads_;          // ranks 1..N-1 with Create
+  TpGroupHealth health_;
+  bool shutdown_ = false;  // other processes to shut down at the end
 };
 
 }  // namespace qilin

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -21,6 +22,7 @@
 #include "runtime/cuda_backend.h"
 #include "runtime/cuda_tp_backend.h"
 #include "runtime/greedy_generate.h"
+#include "runtime/socket_comm.h"
 #include "runtime/tp_factory.h"
 
 namespace qilin {
@@ -295,6 +297,42 @@ TEST(CudaTpBackendTest, StagedRanksCaptureNoGraphs) {
   (void)PrefillThenDecode(*tp, ids, 4);
   for (int r = 0; r < 2; ++r) EXPECT_EQ(tp->rank_backend(r).NumGraphs(), 0);
   EXPECT_FALSE(tp->rank_backend(0).SupportsDeviceSampling());
+}
+
+// Ranks as processes (CreateLeader / Follow over a TCP group; here threads of this process on
+// one GPU, staged collectives) against ranks as threads: the same logits (the same sums in rank
+// order; only cuBLASLt's algorithm choice may differ between backend instances).
+TEST(CudaTpBackendTest, ProcessGroupRanksMatchThreadRanks) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  const ModelConfig c = SmallModel();
+  auto w = MakeDummyWeights(c, DType::kBF16, 11, 0.3f, 0.1f);
+  ASSERT_TRUE(w.ok());
+  auto threads = MakeTp(c, *w, 2);
+  ASSERT_TRUE(threads);
+  CudaTpOptions o;
+  o.force_staged = true;
+  auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
+  ASSERT_TRUE(listener.ok());
+  Status followed;
+  std::thread follower([&] {
+    auto comm = ConnectSocketComm({"127.0.0.1", (*listener)->port()}, 1, 2, 10);
+    followed = comm.ok() ? CudaTpBackend::Follow(c, *w, std::move(*comm), 0, o) : comm.status();
+  });
+  auto comm = (*listener)->Accept(2, 10);
+  ASSERT_TRUE(comm.ok()) << comm.status().ToString();
+  auto leader = CudaTpBackend::CreateLeader(c, *w, std::move(*comm), 0, o);
+  ASSERT_TRUE(leader.ok()) << leader.status().ToString();
+  EXPECT_EQ((*leader)->tp(), 2);
+  EXPECT_EQ((*leader)->collectives(), "staged");
+  EXPECT_EQ((*leader)->KvBytesPerToken(), threads->KvBytesPerToken());
+  const std::vector<int32_t> ids = {3, 17, 101, 5, 77, 2, 9, 64, 31, 8, 150, 42, 11};
+  const std::vector<float> a = PrefillAllPositions(**leader, ids);
+  const std::vector<float> b = PrefillAllPositions(*threads, ids);
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_LT(WorstRelL2(a, b, c.vocab_size), 1e-5);
+  leader->reset();
+  follower.join();
+  EXPECT_TRUE(followed.ok()) << followed.ToString();
 }
 
 // Errors in Create come back as errors (and the half-made backend is destroyed without hanging

@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -19,6 +21,7 @@
 #include "model/weights.h"
 #include "runtime/cpu_backend.h"
 #include "runtime/greedy_generate.h"
+#include "runtime/socket_comm.h"
 #include "runtime/tp_cpu_backend.h"
 #include "runtime/tp_factory.h"
 
@@ -269,6 +272,77 @@ TEST(TpCpuBackendTest, BadCallsAreRefusedAndTheRanksKeepWorking) {
   step.block_tables = {3};
   ASSERT_TRUE(tp.Forward(step, &logits).ok());
   EXPECT_EQ(logits, on_original);
+}
+
+// Ranks as processes (each a TpCpuBackend::Follow over a TCP group, here on threads): the
+// logits of a prefill and greedy decoding are bit-identical to ranks as threads, since both
+// groups sum in rank order; destroying the leader shuts every follower down.
+TEST(TpCpuBackendTest, RanksOverSocketsEqualRanksAsThreadsBitForBit) {
+  for (const auto& [name, tp] :
+       std::vector<std::pair<std::string, int>>{{"qwen2", 2}, {"llama-dynamic", 4}}) {
+    const ModelConfig c = GoldenConfig(name);
+    auto w = LoadModelWeights(c, kGoldenDir / name);
+    ASSERT_TRUE(w.ok());
+    auto threads = TpCpuBackend::Create(c, *w, tp);
+    ASSERT_TRUE(threads.ok()) << threads.status().ToString();
+
+    auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
+    ASSERT_TRUE(listener.ok());
+    std::vector<Status> followed(tp);
+    std::vector<std::thread> followers;
+    for (int r = 1; r < tp; ++r) {
+      followers.emplace_back([&, r] {
+        auto comm = ConnectSocketComm({"127.0.0.1", (*listener)->port()}, r, tp, 10);
+        followed[r] = comm.ok() ? TpCpuBackend::Follow(c, *w, std::move(*comm)) : comm.status();
+      });
+    }
+    auto comm = (*listener)->Accept(tp, 10);
+    ASSERT_TRUE(comm.ok()) << comm.status().ToString();
+    auto leader = TpCpuBackend::CreateLeader(c, *w, std::move(*comm));
+    ASSERT_TRUE(leader.ok()) << leader.status().ToString();
+    EXPECT_EQ((*leader)->tp(), tp);
+    EXPECT_EQ((*leader)->KvBytesPerToken(), (*threads)->KvBytesPerToken());
+
+    const std::vector<int32_t> ids = {3, 17, 101, 5, 77, 2, 9, 64, 31, 8, 150, 42, 11};
+    EXPECT_EQ(PrefillAllPositions(**leader, ids), PrefillAllPositions(**threads, ids)) << name;
+    GreedyRequest req;
+    req.prompt_ids = ids;
+    req.max_tokens = 12;
+    req.ignore_eos = true;
+    ASSERT_TRUE((*leader)->AllocateKvCache({GreedyBlocksNeeded(req, 4), 4}).ok());
+    ASSERT_TRUE((*threads)->AllocateKvCache({GreedyBlocksNeeded(req, 4), 4}).ok());
+    auto a = GenerateGreedy(**leader, req);
+    auto b = GenerateGreedy(**threads, req);
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(*a, *b) << name;
+    leader->reset();
+    for (auto& t : followers) t.join();
+    for (int r = 1; r < tp; ++r) EXPECT_TRUE(followed[r].ok()) << r << followed[r].ToString();
+  }
+}
+
+// A following rank that cannot make its shard fails rank 0's start with that rank's error.
+TEST(TpCpuBackendTest, AFollowerThatCannotMakeItsShardFailsTheLeaderWithItsError) {
+  const ModelConfig c = GoldenConfig("qwen2");
+  auto w = LoadModelWeights(c, kGoldenDir / "qwen2");
+  ASSERT_TRUE(w.ok());
+  auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
+  ASSERT_TRUE(listener.ok());
+  Status followed;
+  std::thread follower([&] {
+    auto comm = ConnectSocketComm({"127.0.0.1", (*listener)->port()}, 1, 2, 10);
+    ModelWeights missing = *w;
+    missing.layers[1].down_proj = TensorView{};  // as a checkpoint without the tensor
+    followed = comm.ok() ? TpCpuBackend::Follow(c, missing, std::move(*comm)) : comm.status();
+  });
+  auto comm = (*listener)->Accept(2, 10);
+  ASSERT_TRUE(comm.ok());
+  auto leader = TpCpuBackend::CreateLeader(c, *w, std::move(*comm));
+  follower.join();
+  ASSERT_FALSE(leader.ok());
+  EXPECT_NE(leader.status().message().find("tensor parallel rank 1"), std::string::npos)
+      << leader.status().message();
+  EXPECT_FALSE(followed.ok());
 }
 
 ModelConfig TinyModel() {
