@@ -14,7 +14,8 @@ PACKAGES=(
   clang libclang-rt-14-dev libomp-dev
   libboost1.81-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
-  curl prometheus
+  curl prometheus ccache
+  openmpi-bin
   python3-grpcio python3-grpc-tools
 )
 # Node.js + npm (end-to-end tests with real client SDKs): any install will do; Debian's packages

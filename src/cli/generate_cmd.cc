@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/command.h"
+#include "cli/tp_flags.h"
 #include "engine/engine.h"
 #include "engine/tokenizer_detokenizer.h"
 #include "model/config.h"
@@ -38,7 +39,7 @@ struct GenerateOptions {
   bool system_given = false;
   int64_t max_tokens = 16;
   std::string device = "auto";
-  int tp = 1;  // tensor parallel ranks
+  TpFlags tpf;  // tensor parallel ranks and where they run
   bool ignore_eos = false;
   // Engine.
   int32_t block_size = 32;
@@ -219,6 +220,15 @@ int RunGenerate(const GenerateOptions& o) {
     throw Error(InvalidArgument("--system is the chat's system message: it needs --chat"));
   }
   const ModelConfig config = OrThrow(LoadModelConfig(o.model_dir));
+  TpModelSource source;
+  source.model_dir = o.model_dir;
+  source.dummy_weights = o.dummy_weights;
+  source.dtype =
+      (config.dtype == DType::kF16 || config.dtype == DType::kF32) ? config.dtype : DType::kBF16;
+  source.seed = o.seed;
+  TpFlags tpf = o.tpf;
+  // Under `mpirun -np N qilin generate ... --tp-launch mpi`, ranks > 0 follow rank 0 here.
+  if (std::optional<int> rc = RunIfTpFollower(&tpf, o.device, source)) return *rc;
   // A text prompt needs a tokenizer: --tokenizer, else the model folder's.
   std::shared_ptr<const tokenizer::Tokenizer> tok;
   if (!o.tokenizer_dir.empty()) {
@@ -266,15 +276,10 @@ int RunGenerate(const GenerateOptions& o) {
 
   std::unique_ptr<Backend> backend;
   if (o.dummy_weights) {
-    const DType dtype =
-        (config.dtype == DType::kF16 || config.dtype == DType::kF32) ? config.dtype : DType::kBF16;
     spdlog::info("generate: random weights for {} on {} (seed {})", config.architecture,
                  ResolveDevice(o.device), o.seed);
-    backend = OrThrow(MakeDummyTpBackend(o.device, config, dtype, o.seed, o.tp));
-  } else {
-    backend = OrThrow(
-        MakeTpBackend(o.device, config, OrThrow(LoadModelWeights(config, o.model_dir)), o.tp));
   }
+  backend = OrThrow(LaunchTpBackend(o.device, config, source, tpf.tp, tpf.launch));
 
   EngineConfig ec;
   ec.block_size = o.block_size;
@@ -375,9 +380,8 @@ RegisterCommand reg(
       sub.add_option("--max-tokens", o->max_tokens, "tokens to generate")->capture_default_str();
       sub.add_option("--device", o->device, "cpu, cuda or auto (cuda where a GPU is present)")
           ->capture_default_str();
-      sub.add_option("--tp", o->tp,
-                     "tensor parallel ranks (cpu: one thread each, the model sharded over them)")
-          ->capture_default_str();
+      AddTpFlags(sub, &o->tpf,
+                 "tensor parallel ranks (cpu: the model sharded over them; cuda: one GPU each)");
       sub.add_flag("--ignore-eos", o->ignore_eos, "do not stop at eos ids");
       sub.add_option("--block-size", o->block_size, "KV cache block size (tokens)")
           ->capture_default_str();

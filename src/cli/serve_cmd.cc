@@ -18,6 +18,7 @@
 #include <spdlog/spdlog.h>
 
 #include "cli/command.h"
+#include "cli/tp_flags.h"
 #include "pipeline/pipeline.h"
 #include "server/grpc_server.h"
 #include "server/http_server.h"
@@ -56,7 +57,7 @@ struct ServeOptions {
   bool no_access_log = false;
   bool dummy_weights = false;
   std::string tokenizer_dir;
-  int tp = 1;
+  TpFlags tpf;
 };
 
 // The demo model: $QILIN_DEMO_MODEL, else models/demo beside the executable's tree
@@ -140,6 +141,21 @@ const char* EndpointLabel(const std::string& path) {
 }
 
 int RunServe(ServeOptions o) {
+  // A following rank of `mpirun -np N qilin serve ... --tp-launch mpi` serves nothing: it runs
+  // its shard of the model for rank 0 (which owns the ports, the engine and the protocols).
+  if (IsMpiFollower(o.tpf.launch)) {
+    TpModelSource source;
+    source.model_dir = o.model_dir.empty() ? FindDemoModel() : o.model_dir;
+    if (server::IsModelRepository(source.model_dir)) {
+      auto loaded = server::LoadModelRepository(source.model_dir);
+      if (!loaded.ok()) throw Error(loaded.status());
+      source.model_dir = loaded->settings.model_dir;
+    }
+    source.dummy_weights = o.dummy_weights;
+    source.max_model_len = o.max_model_len;
+    if (std::optional<int> rc = RunIfTpFollower(&o.tpf, o.device, source)) return *rc;
+  }
+  (void)RunIfTpFollower(&o.tpf, o.device, {});  // checks the flags; mpi: --tp from mpirun
   CheckPort(o.http_port, "--http-port");
   CheckPort(o.grpc_port, "--grpc-port");
   CheckPort(o.metrics_port, "--metrics-port");
@@ -234,7 +250,8 @@ int RunServe(ServeOptions o) {
   po.max_model_len = o.max_model_len;
   po.dummy_weights = o.dummy_weights;
   po.tokenizer_dir = o.tokenizer_dir;
-  po.tp = o.tp;
+  po.tp = o.tpf.tp;
+  po.tp_launch = o.tpf.launch;
   po.engine.max_batch_size = o.max_batch_size;
   po.engine.max_num_tokens = o.max_num_tokens;
   po.engine.kv_cache_tokens = o.kv_cache_tokens;
@@ -350,13 +367,25 @@ int RunServe(ServeOptions o) {
   std::unique_lock<std::mutex> lock(sig_mu);
   serving = true;
   spdlog::info("serve: ready (Ctrl-C to stop)");
-  sig_cv.wait(lock, [&] { return signals > 0; });
+  // Until a signal, or until the backend can run no more steps (a tensor-parallel rank lost):
+  // then the server stops with exit status 1, so that a supervisor restarts the whole group.
+  Status health;
+  while (!sig_cv.wait_for(lock, std::chrono::milliseconds(500), [&] { return signals > 0; })) {
+    lock.unlock();
+    health = pipe->BackendHealth();
+    lock.lock();
+    if (!health.ok()) break;
+  }
   const int sig = first_signal;
   lock.unlock();
-  spdlog::info(
-      "serve: {} received: no new requests; finishing {} in flight (up to {} ms; "
-      "again to stop at once)",
-      sig == SIGINT ? "SIGINT" : "SIGTERM", service.active(), o.shutdown_grace_ms);
+  if (!health.ok()) {
+    spdlog::error("serve: the model can no longer run ({}); stopping", health.message());
+  } else {
+    spdlog::info(
+        "serve: {} received: no new requests; finishing {} in flight (up to {} ms; "
+        "again to stop at once)",
+        sig == SIGINT ? "SIGINT" : "SIGTERM", service.active(), o.shutdown_grace_ms);
+  }
   service.SetAccepting(false);
   grpc.SetReady(false);
   http.StopAccepting();
@@ -381,7 +410,7 @@ int RunServe(ServeOptions o) {
   http.Stop();
   metrics_http.Stop();
   spdlog::info("serve: stopped");
-  return 0;
+  return health.ok() ? 0 : 1;
 }
 
 RegisterCommand reg(
@@ -400,10 +429,8 @@ RegisterCommand reg(
           ->capture_default_str();
       sub.add_flag("--dummy-weights", o->dummy_weights,
                    "random weights from config.json only (speed tests without a checkpoint)");
-      sub.add_option("--tp", o->tp,
-                     "tensor parallelism: shard the model over N ranks (GPUs with --device cuda)")
-          ->check(CLI::Range(1, 64))
-          ->capture_default_str();
+      AddTpFlags(sub, &o->tpf,
+                 "tensor parallelism: shard the model over N ranks (GPUs with --device cuda)");
       sub.add_option(
           "--tokenizer", o->tokenizer_dir,
           "tokenizer folder (default: the model folder, or the repository's tokenizer_dir)");

@@ -136,17 +136,22 @@ Result<std::unique_ptr<ModelPipeline>> ModelPipeline::Create(const std::string& 
                                                                        : options.tokenizer_dir));
 
   if (options.tp < 1) return InvalidArgument("tp {} must be >= 1", options.tp);
-  if (options.dummy_weights) {
+  if (options.tp > 1) {
+    // Ranks as threads, or processes that each make their own shard (runtime/tp_launch.h).
+    TpModelSource source;
+    source.model_dir = model_dir;
+    source.dummy_weights = options.dummy_weights;
+    source.max_model_len = options.max_model_len;
+    QILIN_ASSIGN_OR_RETURN(p->backend_, LaunchTpBackend(ResolveDevice(options.device), p->config_,
+                                                        source, options.tp, options.tp_launch));
+  } else if (options.dummy_weights) {
     // Random weights made where they run: on the GPU no host copy of 15 GB is ever built.
     const std::string device = ResolveDevice(options.device);
     QILIN_ASSIGN_OR_RETURN(p->backend_,
                            MakeDummyTpBackend(device, p->config_, DType::kBF16, 0, options.tp));
   } else {
     QILIN_ASSIGN_OR_RETURN(ModelWeights weights, LoadModelWeights(p->config_, model_dir));
-    if (options.tp > 1) {
-      QILIN_ASSIGN_OR_RETURN(p->backend_, MakeTpBackend(ResolveDevice(options.device), p->config_,
-                                                        std::move(weights), options.tp));
-    } else if (options.device == "auto") {
+    if (options.device == "auto") {
       // A GPU when this build and machine have one, else the CPU.
       Result<std::unique_ptr<Backend>> cuda = MakeBackend("cuda", p->config_, weights);
       if (cuda.ok()) {

@@ -28,6 +28,7 @@
 #include "engine/engine.h"
 #include "engine/request.h"
 #include "model/config.h"
+#include "runtime/tp_launch.h"
 #include "tokenizer/tokenizer.h"
 
 namespace qilin::pipeline {
@@ -45,9 +46,11 @@ struct PipelineOptions {
   // Where tokenizer.json / tokenizer_config.json are; empty: the model folder. With
   // dummy_weights a folder of config.json alone (configs/qwen2.5-7b) serves with another's.
   std::string tokenizer_dir;
-  // Tensor parallelism: the model sharded over this many ranks (threads of this process; on
-  // "cuda" rank r on GPU r % device count). 1: one backend.
+  // Tensor parallelism: the model sharded over this many ranks (on "cuda" rank r on GPU
+  // r % device count). 1: one backend. Where the ranks run: tp_launch (runtime/tp_launch.h;
+  // threads of this process by default).
   int tp = 1;
+  TpLaunchOptions tp_launch;
 };
 
 struct ModelInfo {
@@ -184,6 +187,9 @@ class ModelPipeline {
   // Stops the engine: unfinished requests end with FinishReason::kAbort; Submit then fails
   // with Unavailable.
   void Shutdown();
+
+  // The backend's Health(): an error once it can run no more steps (a tensor-parallel rank lost).
+  Status BackendHealth() const { return backend_->Health(); }
 
  private:
   ModelPipeline() = default;

@@ -10,7 +10,6 @@
 #endif
 
 namespace qilin {
-namespace {
 
 Status CheckTpDevice(const std::string& device, const ModelConfig& config, int tp) {
   QILIN_RETURN_IF_ERROR(CheckShardable(config, tp));
@@ -35,8 +34,6 @@ Status CheckTpDevice(const std::string& device, const ModelConfig& config, int t
   }
   return Status::Ok();
 }
-
-}  // namespace
 
 Result<std::unique_ptr<Backend>> MakeTpBackend(const std::string& device_name,
                                                const ModelConfig& config, ModelWeights weights,

@@ -18,6 +18,10 @@ namespace qilin {
 Result<std::unique_ptr<Backend>> MakeTpBackend(const std::string& device, const ModelConfig& config,
                                                ModelWeights weights, int tp);
 
+// CheckShardable, then whether `device` ("cpu" or "cuda", resolved) can run `tp` ranks here:
+// Unavailable naming --tp and the device without a CUDA device or CUDA build.
+Status CheckTpDevice(const std::string& device, const ModelConfig& config, int tp);
+
 // The same with random weights (--dummy-weights), as MakeDummyBackend.
 Result<std::unique_ptr<Backend>> MakeDummyTpBackend(const std::string& device,
                                                     const ModelConfig& config, DType dtype,

@@ -698,10 +698,12 @@ void OpenAiService::Register(Router& router) {
   router.Add(
       "GET", "/v2/health/ready",
       [this](HttpRequest&, ResponderPtr res) {
-        if (accepting_) {
-          res->Respond(200, "text/plain", "");
-        } else {
+        if (!accepting_) {
           res->Respond(503, "text/plain", "draining");
+        } else if (Status health = pipeline_->BackendHealth(); !health.ok()) {
+          res->Respond(503, "text/plain", health.message());
+        } else {
+          res->Respond(200, "text/plain", "");
         }
       },
       false);

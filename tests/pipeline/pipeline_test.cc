@@ -51,6 +51,20 @@ class PipelineTest : public ::testing::Test {
     }
     return o;
   }
+  // 16 greedy tokens of one prompt from `a` and `b`: the same ids and text.
+  static void ExpectSameGreedyText(ModelPipeline& a, ModelPipeline& b) {
+    GenerateParams params;
+    params.sampling.temperature = 0;
+    params.sampling.max_tokens = 16;
+    params.sampling.ignore_eos = true;
+    auto ga = a.Submit(GenerateInput::Text("Miss Bennet"), params);
+    auto gb = b.Submit(GenerateInput::Text("Miss Bennet"), params);
+    ASSERT_TRUE(ga.ok() && gb.ok());
+    const Out oa = Collect(*ga.value()), ob = Collect(*gb.value());
+    ASSERT_EQ(ob.tokens[0].size(), 16u);
+    EXPECT_EQ(oa.tokens[0], ob.tokens[0]);
+    EXPECT_EQ(oa.text[0], ob.text[0]);
+  }
 
   static ModelPipeline* pipe_;
 };
@@ -217,22 +231,38 @@ TEST_F(PipelineTest, TensorParallelTwoRanksGivesTheSameGreedyText) {
   o.tp = 2;
   auto tp = ModelPipeline::Create(kDemo, o);
   ASSERT_TRUE(tp.ok()) << tp.status().ToString();
-  GenerateParams params;
-  params.sampling.temperature = 0;
-  params.sampling.max_tokens = 16;
-  params.sampling.ignore_eos = true;
-  auto a = pipe_->Submit(GenerateInput::Text("Miss Bennet"), params);
-  auto b = tp.value()->Submit(GenerateInput::Text("Miss Bennet"), params);
-  ASSERT_TRUE(a.ok() && b.ok());
-  const Out oa = Collect(*a.value()), ob = Collect(*b.value());
-  ASSERT_EQ(ob.tokens[0].size(), 16u);
-  EXPECT_EQ(oa.tokens[0], ob.tokens[0]);
-  EXPECT_EQ(oa.text[0], ob.text[0]);
+  ExpectSameGreedyText(*pipe_, *tp.value());
 
   o.tp = 3;  // 4 heads, 2 KV heads: does not divide
   auto bad = ModelPipeline::Create(kDemo, o);
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("3"), std::string::npos) << bad.status().message();
+}
+
+// `serve --tp 2 --tp-launch process`: rank 1 is a `qilin tp-worker` process; the answers are the
+// unsharded pipeline's. A worker that cannot start fails the pipeline with its rank.
+TEST_F(PipelineTest, TensorParallelProcessRanksGiveTheSameGreedyText) {
+  const std::string qilin = std::string(QILIN_BINARY_DIR) + "/qilin";
+  if (!std::filesystem::exists(qilin)) GTEST_SKIP() << "the qilin binary is not built";
+  PipelineOptions o;
+  o.device = "cpu";
+  o.engine.kv_cache_tokens = 2048;
+  o.tp = 2;
+  o.tp_launch.mode = "process";
+  o.tp_launch.worker_binary = qilin;
+  auto tp = ModelPipeline::Create(kDemo, o);
+  ASSERT_TRUE(tp.ok()) << tp.status().ToString();
+  ExpectSameGreedyText(*pipe_, *tp.value());
+  tp.value().reset();  // shuts the worker down and reaps it
+
+  o.tp_launch.worker_binary = "/nonexistent/qilin";
+  const auto t0 = std::chrono::steady_clock::now();
+  auto bad = ModelPipeline::Create(kDemo, o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0);
+  EXPECT_NE(bad.status().message().find("tensor parallel rank 1 (tp-worker process) exited"),
+            std::string::npos)
+      << bad.status().message();
 }
 
 TEST(PipelineCreate, BadDirectoryNamesIt) {

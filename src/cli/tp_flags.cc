@@ -1,0 +1,45 @@
+#include "cli/tp_flags.h"
+
+#include <cstdio>
+
+#include <spdlog/spdlog.h>
+
+#include "common/status.h"
+
+namespace qilin::cli {
+
+void AddTpFlags(CLI::App& sub, TpFlags* flags, const std::string& tp_help) {
+  sub.add_option("--tp", flags->tp, tp_help)->check(CLI::Range(1, 64))->capture_default_str();
+  sub.add_option("--tp-launch", flags->launch.mode,
+                 "where ranks run: thread (this process), process (spawned `qilin tp-worker` "
+                 "processes), mpi (started by `mpirun -np N`)")
+      ->check(CLI::IsMember({"thread", "process", "mpi"}))
+      ->capture_default_str();
+  sub.add_option("--tp-master", flags->launch.master,
+                 "HOST:PORT where rank 0 meets the other ranks (process: 127.0.0.1:0, a free "
+                 "port; mpi: 127.0.0.1:29531; across nodes rank 0's address)");
+}
+
+std::optional<int> RunIfTpFollower(TpFlags* flags, const std::string& device,
+                                   const TpModelSource& source) {
+  if (flags->launch.mode == "mpi" && flags->tp == 1) {
+    if (std::optional<MpiPlace> place = MpiPlaceFromEnvironment()) flags->tp = place->world_size;
+  }
+  if (Status st = CheckTpLaunch(flags->launch, flags->tp); !st.ok()) throw Error(st);
+  if (!IsMpiFollower(flags->launch)) return std::nullopt;
+  const MpiPlace place = *MpiPlaceFromEnvironment();
+  std::string master = flags->launch.master.empty() ? "127.0.0.1:29531" : flags->launch.master;
+  int cuda_device = place.local_rank;
+  spdlog::info("tensor parallel: rank {} of {} (mpirun), following rank 0 at {}", place.rank,
+               place.world_size, master);
+  Status st = RunTpWorker(device, cuda_device, source, flags->tp, place.rank, master,
+                          flags->launch.join_timeout_s);
+  if (!st.ok()) {
+    std::fprintf(stderr, "qilin: tensor parallel rank %d: error: %s\n", place.rank,
+                 st.message().c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace qilin::cli
