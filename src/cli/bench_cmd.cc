@@ -18,6 +18,7 @@
 #include "bench/targets.h"
 #include "bench/workload.h"
 #include "cli/command.h"
+#include "cli/tp_flags.h"
 #include "engine/engine.h"
 #include "model/config.h"
 #include "model/weights.h"
@@ -30,6 +31,7 @@ struct BenchOptions {
   std::string model_dir;
   bool dummy_weights = false;
   std::string device = "auto";
+  TpFlags tpf;  // in-process: tensor parallel ranks and where they run
   std::string url;
   std::string grpc;
   std::string served_model;
@@ -78,11 +80,18 @@ int RunBench(BenchOptions o) {
           o.workload.input_len, o.workload.output_len, o.workload.range_ratio, longest,
           config.MaxModelLen()));
     }
-    if (o.dummy_weights) {
-      const DType dtype = (config.dtype == DType::kF16 || config.dtype == DType::kF32)
-                              ? config.dtype
-                              : DType::kBF16;
-      backend = OrThrow(MakeDummyBackend(o.device, config, dtype, o.workload.seed));
+    TpModelSource source;
+    source.model_dir = o.model_dir;
+    source.dummy_weights = o.dummy_weights;
+    source.dtype =
+        (config.dtype == DType::kF16 || config.dtype == DType::kF32) ? config.dtype : DType::kBF16;
+    source.seed = o.workload.seed;
+    // Under `mpirun -np N qilin bench ... --tp-launch mpi`, ranks > 0 follow rank 0 here.
+    if (std::optional<int> rc = RunIfTpFollower(&o.tpf, o.device, source)) return *rc;
+    if (o.tpf.tp > 1) {
+      backend = OrThrow(LaunchTpBackend(o.device, config, source, o.tpf.tp, o.tpf.launch));
+    } else if (o.dummy_weights) {
+      backend = OrThrow(MakeDummyBackend(o.device, config, source.dtype, o.workload.seed));
     } else {
       backend =
           OrThrow(MakeBackend(o.device, config, OrThrow(LoadModelWeights(config, o.model_dir))));
@@ -110,6 +119,8 @@ int RunBench(BenchOptions o) {
              {"architecture", config.architecture},
              {"dummy_weights", o.dummy_weights},
              {"device", ResolveDevice(o.device)},
+             {"tp", o.tpf.tp},
+             {"tp_launch", o.tpf.launch.mode},
              {"max_batch_size", ec.max_batch_size},
              {"kv_cache_blocks", engine->stats().kv_blocks_total},
              {"block_size", ec.block_size}};
@@ -161,6 +172,7 @@ RegisterCommand reg(
       sub.add_flag("--dummy-weights", o->dummy_weights,
                    "in-process: random weights from config.json");
       sub.add_option("--device", o->device, "in-process: cpu, cuda or auto")->capture_default_str();
+      AddTpFlags(sub, &o->tpf, "in-process: tensor parallel ranks (one GPU each on cuda)");
       sub.add_option("--url", o->url, "a running server's HTTP URL (OpenAI streaming completions)");
       sub.add_option("--grpc", o->grpc,
                      "a running server's gRPC HOST:PORT (KServe v2 tensorrt_llm)");

@@ -1,6 +1,9 @@
 #include "runtime/cuda_tp_backend.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <new>
 
@@ -169,8 +172,32 @@ Result<std::unique_ptr<CudaTpBackend::Rank>> CudaTpBackend::JoinProcessGroup(
   if (st.ok()) rank->local = ShardedLayerConfig(config, rank->plan);
   QILIN_RETURN_IF_ERROR(TpExchangeStatus(*comm, st));
   rank->comm = std::move(comm);
+  // NCCL when every rank wants it and no two ranks share a GPU (NCCL refuses one GPU twice in a
+  // communicator): each rank's (host, PCI bus id) against the others'.
+  bool use_nccl = false;
 #ifdef QILIN_HAVE_NCCL
-  if (!options.force_staged) {
+  {
+    char bus[64] = {0};
+    DeviceScope scope(device);
+    if (cudaDeviceGetPCIBusId(bus, sizeof bus, device) != cudaSuccess) cudaGetLastError();
+    char host[256] = {0};
+    gethostname(host, sizeof host - 1);
+    // Two 20-bit hashes: exact in a float.
+    const auto h20 = [](const std::string& x) {
+      return static_cast<float>(std::hash<std::string>{}(x)&0xFFFFF);
+    };
+    const float mine[3] = {options.force_staged ? 0.0f : 1.0f, h20(host), h20(bus)};
+    std::vector<float> all(3 * tp);
+    QILIN_RETURN_IF_ERROR(rank->comm->AllGather(mine, 3, all.data()));
+    use_nccl = true;
+    for (int i = 0; i < tp; ++i) {
+      if (all[3 * i] == 0.0f) use_nccl = false;
+      for (int j = 0; j < i; ++j) {
+        if (all[3 * i + 1] == all[3 * j + 1] && all[3 * i + 2] == all[3 * j + 2]) use_nccl = false;
+      }
+    }
+  }
+  if (use_nccl) {
     // Rank 0's NCCL id reaches the other processes over the socket group.
     std::string id(128, '\0');
     if (r == 0) {
@@ -190,6 +217,7 @@ Result<std::unique_ptr<CudaTpBackend::Rank>> CudaTpBackend::JoinProcessGroup(
     rank->dcomm = std::make_unique<NcclDeviceComm>(rank->nccl.get());
   }
 #endif
+  (void)use_nccl;
   if (!rank->dcomm) rank->dcomm = std::make_unique<StagedDeviceComm>(rank->comm.get());
   QILIN_RETURN_IF_ERROR(TpExchangeStatus(*rank->comm, rank->Upload(config, weights, options.cuda)));
   return rank;

@@ -48,8 +48,9 @@ class CudaTpBackend : public Backend {
                                                        CudaTpOptions options = {});
   // Rank 0 of a group of processes (`qilin serve --tp N --tp-launch process|mpi`): `comm` reaches
   // ranks 1..N-1, each running Follow; this rank runs on CUDA device `device`. Collectives over
-  // NCCL (its id sent over `comm`) unless options.force_staged or a build without NCCL; then
-  // staged through `comm`. The KV pool is sized from rank 0's GPU (ranks have equal shares).
+  // NCCL (its id sent over `comm`) unless options.force_staged on any rank, a build without
+  // NCCL, or two ranks on one GPU (same host and PCI bus id); then staged through `comm`. The KV
+  // pool is sized from rank 0's GPU (ranks have equal shares).
   static Result<std::unique_ptr<CudaTpBackend>> CreateLeader(const ModelConfig& config,
                                                              const ModelWeights& weights,
                                                              std::unique_ptr<Communicator> comm,

@@ -128,9 +128,14 @@ Status WriteAll(int fd, const void* data, int64_t n, const std::string& peer, in
   return Status::Ok();
 }
 
+// Small messages (commands, status codes) go out at once; large ones (a prefill's activations)
+// stream through buffers of a few MiB.
 void SetNoDelay(int fd) {
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  int bytes = 4 << 20;
+  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
 }
 
 Result<addrinfo*> Resolve(const SocketAddress& a, bool passive) {

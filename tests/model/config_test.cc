@@ -204,6 +204,7 @@ TEST(ConfigTest, PublishedConfigsParseWithPublishedParameterCounts) {
   const Case cases[] = {
       {"qwen2.5-0.5b", ModelArch::kQwen2, 494032768},
       {"qwen2.5-7b", ModelArch::kQwen2, 7615616512},
+      {"qwen2.5-32b", ModelArch::kQwen2, 32763876352},
       {"qwen-7b", ModelArch::kQwenV1, 7721324544},
       {"qwen3-8b", ModelArch::kQwen3, 8190735360},
   };

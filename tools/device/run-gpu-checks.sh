@@ -77,6 +77,27 @@ fi
 run bench 300 "$G/qilin_bench_cuda_decode" --model "$G/configs/qwen2.5-7b"
 if [ -f "$G/torch_baseline.py" ]; then run torch 200 python3 "$G/torch_baseline.py" "$G/configs/qwen2.5-7b"; fi
 fi
+# Tensor parallelism over GPUs (issue 8), only where 2+ GPUs are visible: the TP and NCCL tests,
+# then batch-1 decode and 64 x 128/128 throughput at TP = 1 and 2 (threads, and processes for
+# TP = 2) for the 7B and 32B shapes with dummy weights.
+NGPU=$(nvidia-smi -L | grep -c '^GPU' || true)
+if [ "$PART" != checks ] && [ "${NGPU:-0}" -ge 2 ]; then
+  run tp_tests 300 "$G/qilin_cuda_tests" --gtest_filter='CudaTp*:CudaNccl*'
+  for m in qwen2.5-7b qwen2.5-32b; do
+    for tp in "1" "2" "2 --tp-launch process"; do
+      tag="${m}_tp${tp// /}"; tag="${tag//--tp-launch/_}"
+      run "b1_$tag" 300 "$G/qilin" bench --model "$G/configs/$m" --dummy-weights --device cuda \
+        --tp $tp --num-requests 4 --concurrency 1 --input-len 128 --output-len 256
+      run "c64_$tag" 300 "$G/qilin" bench --model "$G/configs/$m" --dummy-weights --device cuda \
+        --tp $tp --num-requests 64 --input-len 128 --output-len 128
+    done
+  done
+  for f in "$OUT"/b1_*.log "$OUT"/c64_*.log; do
+    echo "$(basename "$f" .log): $(grep -E 'output tokens/s|^inter-token' "$f" | tr -s ' ' | tr '\n' ' ')"
+  done >"$OUT/tp_summary.txt"
+else
+  RES[tp]="skipped: ${NGPU:-0} GPU(s) visible, tensor parallelism over GPUs needs 2"
+fi
 echo; echo "== summary"
 grep -h -E "^\[  (PASSED|FAILED)|FAILED  \]|tests? ran" "$OUT/tests.log" 2>/dev/null | tail -n 20
 grep -h -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT"/memcheck.log "$OUT"/racecheck.log 2>/dev/null
@@ -85,4 +106,5 @@ for k in "${!RES[@]}"; do printf '%-10s %s\n' "$k" "${RES[$k]}"; done
 tail -n 2 "$OUT/generate.log" 2>/dev/null
 sed -n '/== qilin CUDA backend/,$p' "$OUT/bench.log" 2>/dev/null
 tail -n 8 "$OUT/torch.log" 2>/dev/null
+cat "$OUT/tp_summary.txt" 2>/dev/null
 echo "== tokenizer"; tail -n 12 "$OUT/tok_qilin.log" 2>/dev/null; tail -n 12 "$OUT/tok_reference.log" 2>/dev/null
