@@ -289,8 +289,7 @@ Result<std::unique_ptr<Backend>> LaunchTpBackend(const std::string& device_name,
       args.insert(args.end(), {"--model", source.model_dir});
       Result<pid_t> pid = Spawn(args);
       if (!pid.ok()) {
-        for (pid_t p : children) kill(p, SIGTERM);
-        ReapChildren(children, 10);
+        ReapChildren(children, 0);  // workers ignore SIGTERM: killed at once
         return pid.status();
       }
       children.push_back(*pid);
@@ -310,9 +309,9 @@ Result<std::unique_ptr<Backend>> LaunchTpBackend(const std::string& device_name,
     }
     return Status::Ok();
   };
+  // Workers that joined see the group close and exit; the others are still trying to join.
   auto fail = [&](Status st) {
-    for (pid_t p : children) kill(p, SIGTERM);
-    ReapChildren(children, 10);
+    ReapChildren(children, 2);
     return st;
   };
   Result<std::unique_ptr<Communicator>> comm =
