@@ -22,6 +22,14 @@ void AddTpFlags(CLI::App& sub, TpFlags* flags, const std::string& tp_help) {
 
 std::optional<int> RunIfTpFollower(TpFlags* flags, const std::string& device,
                                    const TpModelSource& source) {
+  const std::optional<MpiPlace> env = MpiPlaceFromEnvironment();
+  if (flags->launch.mode != "mpi" && env && env->world_size > 1) {
+    // N copies of a server would fight over its ports.
+    throw Error(InvalidArgument(
+        "this process was started as rank {} of {} (mpirun), but --tp-launch is '{}': add "
+        "--tp-launch mpi",
+        env->rank, env->world_size, flags->launch.mode));
+  }
   if (flags->launch.mode == "mpi" && flags->tp == 1) {
     if (std::optional<MpiPlace> place = MpiPlaceFromEnvironment()) flags->tp = place->world_size;
   }

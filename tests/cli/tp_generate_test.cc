@@ -110,6 +110,13 @@ TEST_F(TpGenerateTest, LaunchErrorsNameTheFlagAndTheValue) {
   EXPECT_NE(sizes.out.find("mpirun started 3 processes (this is rank 0) but --tp is 2"),
             std::string::npos)
       << sizes.out;
+  const RunResult forgot =
+      RunTp("--prompt-ids 1,2,3", true, "cpu", "OMPI_COMM_WORLD_RANK=1 OMPI_COMM_WORLD_SIZE=2 ");
+  EXPECT_NE(forgot.status, 0);
+  EXPECT_NE(forgot.out.find("started as rank 1 of 2 (mpirun), but --tp-launch is 'thread': add "
+                            "--tp-launch mpi"),
+            std::string::npos)
+      << forgot.out;
   const RunResult master =
       RunTp("--prompt-ids 1,2,3 --tp 2 --tp-launch process --tp-master x", true);
   EXPECT_NE(master.status, 0);
