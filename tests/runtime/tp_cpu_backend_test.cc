@@ -23,6 +23,7 @@
 #include "runtime/greedy_generate.h"
 #include "runtime/socket_comm.h"
 #include "runtime/tp_cpu_backend.h"
+#include "runtime/tp_driver.h"
 #include "runtime/tp_factory.h"
 
 namespace qilin {
@@ -343,6 +344,33 @@ TEST(TpCpuBackendTest, AFollowerThatCannotMakeItsShardFailsTheLeaderWithItsError
   EXPECT_NE(leader.status().message().find("tensor parallel rank 1"), std::string::npos)
       << leader.status().message();
   EXPECT_FALSE(followed.ok());
+}
+
+// A following process that dies: rank 0's next call fails (no hang) and Health() says why from
+// then on, which is what turns `serve` unready and stops it.
+TEST(TpCpuBackendTest, ALostFollowerFailsTheNextCallAndHealth) {
+  const ModelConfig c = GoldenConfig("qwen2");
+  auto w = LoadModelWeights(c, kGoldenDir / "qwen2");
+  ASSERT_TRUE(w.ok());
+  auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
+  ASSERT_TRUE(listener.ok());
+  std::thread follower([&] {
+    auto comm = ConnectSocketComm({"127.0.0.1", (*listener)->port()}, 1, 2, 10);
+    ASSERT_TRUE(comm.ok());
+    // As Follow does once its shard is made; then the process is gone.
+    EXPECT_TRUE(TpExchangeStatus(**comm, Status::Ok()).ok());
+  });
+  auto comm = (*listener)->Accept(2, 10);
+  ASSERT_TRUE(comm.ok());
+  auto leader = TpCpuBackend::CreateLeader(c, *w, std::move(*comm));
+  follower.join();
+  ASSERT_TRUE(leader.ok()) << leader.status().ToString();
+  EXPECT_TRUE((*leader)->Health().ok());
+  Status st = (*leader)->AllocateKvCache({4, 16});
+  EXPECT_EQ(st.code(), StatusCode::kCancelled) << st.ToString();
+  EXPECT_NE(st.message().find("rank 1 closed the connection"), std::string::npos) << st.message();
+  EXPECT_EQ((*leader)->Health().code(), StatusCode::kCancelled);
+  EXPECT_NE((*leader)->Health().message().find("rank 1"), std::string::npos);
 }
 
 ModelConfig TinyModel() {
