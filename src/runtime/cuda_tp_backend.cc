@@ -90,7 +90,7 @@ Status CudaTpBackend::Rank::Upload(const ModelConfig& config, const ModelWeights
   return Status::Ok();
 }
 
-CudaTpBackend::CudaTpBackend(const ModelConfig& config) : config_(config) {}
+CudaTpBackend::CudaTpBackend(const ModelConfig& config) : TpLeaderBackend(config) {}
 
 Result<std::unique_ptr<CudaTpBackend>> CudaTpBackend::Create(const ModelConfig& config,
                                                              const ModelWeights& weights, int tp,
@@ -150,6 +150,8 @@ Result<std::unique_ptr<CudaTpBackend>> CudaTpBackend::Create(const ModelConfig& 
       (void)TpFollow(*rank->comm, *rank);
     });
   }
+  b->lead_comm_ = b->ranks_[0]->comm.get();
+  b->lead_worker_ = b->ranks_[0].get();
   return b;
 }
 
@@ -237,7 +239,9 @@ Result<std::unique_ptr<CudaTpBackend>> CudaTpBackend::CreateLeader(
   QILIN_ASSIGN_OR_RETURN(std::unique_ptr<Rank> rank,
                          JoinProcessGroup(config, weights, std::move(comm), device, options));
   b->ranks_.push_back(std::move(rank));
-  b->shutdown_ = true;
+  b->followers_elsewhere_ = true;
+  b->lead_comm_ = b->ranks_[0]->comm.get();
+  b->lead_worker_ = b->ranks_[0].get();
   return b;
 }
 
@@ -255,7 +259,7 @@ Status CudaTpBackend::Follow(const ModelConfig& config, const ModelWeights& weig
 
 CudaTpBackend::~CudaTpBackend() {
   // Only once the follower threads run (a Create that failed before them has none to stop).
-  if (!threads_.empty() || shutdown_) (void)TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kShutdown);
+  StopFollowers();
   for (std::thread& t : threads_) t.join();
   for (auto& rk : ranks_) {
     DeviceScope scope(rk->device);
@@ -266,7 +270,6 @@ CudaTpBackend::~CudaTpBackend() {
 std::string CudaTpBackend::collectives() const {
   return ranks_.empty() ? "" : ranks_[0]->dcomm->name();
 }
-const ShardPlan& CudaTpBackend::plan(int rank) const { return plans_.at(rank); }
 int CudaTpBackend::device(int rank) const { return ranks_.at(rank)->device; }
 CudaBackend& CudaTpBackend::rank_backend(int rank) { return *ranks_.at(rank)->backend; }
 
@@ -293,38 +296,6 @@ Result<int32_t> CudaTpBackend::ProposeNumKvBlocks(int32_t block_size, double mem
     blocks = std::min(blocks, *b);
   }
   return blocks;
-}
-
-Status CudaTpBackend::AllocateKvCache(const KvCacheLayout& layout) {
-  if (layout.block_size <= 0 || layout.num_blocks <= 0) {
-    return InvalidArgument("KV cache layout: num_blocks = {} and block_size = {} must be positive",
-                           layout.num_blocks, layout.block_size);
-  }
-  layout_ = KvCacheLayout{0, layout.block_size};
-  QILIN_RETURN_IF_ERROR(health_.Note(TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kAllocateKv,
-                                            layout.num_blocks, layout.block_size)));
-  layout_ = layout;
-  return Status::Ok();
-}
-
-Status CudaTpBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
-  for (const auto& [src, dst] : src_dst) {
-    for (int32_t blk : {src, dst}) {
-      if (blk < 0 || blk >= layout_.num_blocks) {
-        return InvalidArgument("CopyKvBlocks: block {} is outside the pool of {} blocks", blk,
-                               layout_.num_blocks);
-      }
-    }
-  }
-  if (src_dst.empty()) return Status::Ok();
-  return health_.Note(TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kCopyKv, 0, 0, nullptr, &src_dst));
-}
-
-Status CudaTpBackend::Forward(const ForwardBatch& batch, std::vector<float>* logits) {
-  QILIN_RETURN_IF_ERROR(ValidateForwardBatch(batch, config_, layout_));
-  if (logits == nullptr) return InvalidArgument("CudaTpBackend::Forward: no logits vector");
-  return health_.Note(
-      TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kForward, 0, 0, &batch, nullptr, logits));
 }
 
 }  // namespace qilin

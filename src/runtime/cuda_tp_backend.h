@@ -38,7 +38,7 @@ struct CudaTpOptions {
   CudaBackendOptions cuda;
 };
 
-class CudaTpBackend : public Backend {
+class CudaTpBackend : public TpLeaderBackend {
  public:
   // Shards `weights` (the full model on the host, e.g. LoadModelWeights' views) over `tp` ranks
   // and uploads each rank's shard. CheckShardable's errors; Unavailable without a CUDA device;
@@ -63,23 +63,14 @@ class CudaTpBackend : public Backend {
   ~CudaTpBackend() override;
 
   std::string name() const override { return "cuda"; }
-  const ModelConfig& config() const override { return config_; }
   // Over all ranks (replicated KV heads count once per rank that holds them).
   int64_t KvBytesPerToken() const override;
   // The fewest blocks any rank can hold; ranks sharing a GPU split its memory.
   Result<int32_t> ProposeNumKvBlocks(int32_t block_size, double memory_fraction,
                                      int32_t max_num_tokens) const override;
-  Status AllocateKvCache(const KvCacheLayout& layout) override;
-  const KvCacheLayout& kv_layout() const override { return layout_; }
-  Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
-  Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) override;
-  // The group's failure once a call found it aborted (a rank lost, or one that gave up).
-  Status Health() const override { return health_.Get(); }
 
-  int tp() const { return static_cast<int>(plans_.size()); }
   // "nccl" or "staged".
   std::string collectives() const;
-  const ShardPlan& plan(int rank) const;
   // Ranks in this process only (all of them with Create, rank 0 with CreateLeader).
   int device(int rank) const;
   CudaBackend& rank_backend(int rank);
@@ -95,14 +86,8 @@ class CudaTpBackend : public Backend {
                                                         std::unique_ptr<Communicator> comm,
                                                         int device, const CudaTpOptions& options);
 
-  ModelConfig config_;
-  KvCacheLayout layout_;
-  std::vector<ShardPlan> plans_;  // every rank's
   std::shared_ptr<InProcessCommGroup> group_;
   std::vector<std::unique_ptr<Rank>> ranks_;  // this process's: rank 0 first
-  std::vector<std::thread> threads_;          // ranks 1..N-1 with Create
-  TpGroupHealth health_;
-  bool shutdown_ = false;  // other processes to shut down at the end
 };
 
 }  // namespace qilin

@@ -220,7 +220,7 @@ Status TpCpuBackend::Rank::Forward(const ForwardBatch& batch, std::vector<float>
   return Status::Ok();
 }
 
-TpCpuBackend::TpCpuBackend(const ModelConfig& config) : config_(config) {}
+TpCpuBackend::TpCpuBackend(const ModelConfig& config) : TpLeaderBackend(config) {}
 
 Result<std::unique_ptr<TpCpuBackend::Rank>> TpCpuBackend::MakeRank(const ModelConfig* config,
                                                                    const ModelWeights& weights,
@@ -264,6 +264,8 @@ Result<std::unique_ptr<TpCpuBackend>> TpCpuBackend::Create(const ModelConfig& co
   for (int r = 1; r < tp; ++r) {
     b->threads_.emplace_back([rank = b->ranks_[r].get()] { (void)TpFollow(*rank->comm, *rank); });
   }
+  b->lead_comm_ = b->ranks_[0]->comm.get();
+  b->lead_worker_ = b->ranks_[0].get();
   return b;
 }
 
@@ -282,7 +284,9 @@ Result<std::unique_ptr<TpCpuBackend>> TpCpuBackend::CreateLeader(
   QILIN_RETURN_IF_ERROR(TpExchangeStatus(*comm, rank.status()));
   (*rank)->comm = std::move(comm);
   b->ranks_.push_back(std::move(rank).value());
-  b->shutdown_ = true;
+  b->followers_elsewhere_ = true;
+  b->lead_comm_ = b->ranks_[0]->comm.get();
+  b->lead_worker_ = b->ranks_[0].get();
   return b;
 }
 
@@ -307,11 +311,10 @@ Result<std::unique_ptr<TpCpuBackend>> TpCpuBackend::Load(const ModelConfig& conf
 }
 
 TpCpuBackend::~TpCpuBackend() {
-  if (!threads_.empty() || shutdown_) (void)TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kShutdown);
+  StopFollowers();
   for (std::thread& t : threads_) t.join();
 }
 
-const ShardPlan& TpCpuBackend::plan(int rank) const { return plans_.at(rank); }
 const ModelWeights& TpCpuBackend::shard(int rank) const { return ranks_.at(rank)->w; }
 
 int64_t TpCpuBackend::KvBytesPerToken() const {
@@ -352,37 +355,6 @@ Result<int32_t> TpCpuBackend::ProposeNumKvBlocks(int32_t block_size, double memo
         activations / 1073741824.0);
   }
   return static_cast<int32_t>(std::min<double>(blocks, INT32_MAX));
-}
-
-Status TpCpuBackend::AllocateKvCache(const KvCacheLayout& layout) {
-  if (layout.block_size <= 0 || layout.num_blocks <= 0) {
-    return InvalidArgument("KV cache layout: num_blocks = {} and block_size = {} must be positive",
-                           layout.num_blocks, layout.block_size);
-  }
-  layout_ = KvCacheLayout{0, layout.block_size};
-  QILIN_RETURN_IF_ERROR(health_.Note(TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kAllocateKv,
-                                            layout.num_blocks, layout.block_size)));
-  layout_ = layout;
-  return Status::Ok();
-}
-
-Status TpCpuBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
-  for (const auto& [src, dst] : src_dst) {
-    for (int32_t blk : {src, dst}) {
-      if (blk < 0 || blk >= layout_.num_blocks) {
-        return InvalidArgument("CopyKvBlocks: block {} is outside the pool of {} blocks", blk,
-                               layout_.num_blocks);
-      }
-    }
-  }
-  if (src_dst.empty()) return Status::Ok();
-  return health_.Note(TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kCopyKv, 0, 0, nullptr, &src_dst));
-}
-
-Status TpCpuBackend::Forward(const ForwardBatch& batch, std::vector<float>* logits) {
-  QILIN_RETURN_IF_ERROR(ValidateForwardBatch(batch, config_, layout_));
-  return health_.Note(
-      TpLead(*ranks_[0]->comm, *ranks_[0], TpOp::kForward, 0, 0, &batch, nullptr, logits));
 }
 
 }  // namespace qilin

@@ -29,7 +29,7 @@
 
 namespace qilin {
 
-class TpCpuBackend : public Backend {
+class TpCpuBackend : public TpLeaderBackend {
  public:
   // Shards `weights` (the full model, e.g. LoadModelWeights' views) over `tp` ranks.
   // CheckShardable's errors for a shape that does not divide; the CPU backend's checks of the
@@ -51,20 +51,11 @@ class TpCpuBackend : public Backend {
   ~TpCpuBackend() override;
 
   std::string name() const override { return "cpu"; }
-  const ModelConfig& config() const override { return config_; }
   // Over all ranks (replicated KV heads count once per rank that holds them).
   int64_t KvBytesPerToken() const override;
   Result<int32_t> ProposeNumKvBlocks(int32_t block_size, double memory_fraction,
                                      int32_t max_num_tokens) const override;
-  Status AllocateKvCache(const KvCacheLayout& layout) override;
-  const KvCacheLayout& kv_layout() const override { return layout_; }
-  Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
-  Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) override;
-  // The group's failure once a call found it aborted (a rank lost, or one that gave up).
-  Status Health() const override { return health_.Get(); }
 
-  int tp() const { return static_cast<int>(plans_.size()); }
-  const ShardPlan& plan(int rank) const;
   // Ranks in this process only (all of them with Create, rank 0 with CreateLeader).
   const ModelWeights& shard(int rank) const;
 
@@ -77,14 +68,8 @@ class TpCpuBackend : public Backend {
                                                 const ModelWeights& weights, int tp, int rank);
   Status SetPlans(int tp);
 
-  ModelConfig config_;
-  KvCacheLayout layout_;
-  std::vector<ShardPlan> plans_;  // every rank's
   std::shared_ptr<InProcessCommGroup> group_;
   std::vector<std::unique_ptr<Rank>> ranks_;  // this process's: rank 0 first
-  std::vector<std::thread> threads_;          // ranks 1..N-1 with Create
-  TpGroupHealth health_;
-  bool shutdown_ = false;  // other processes to shut down at the end
 };
 
 }  // namespace qilin

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "runtime/comm_batch.h"
+#include "runtime/validate_batch.h"
 
 namespace qilin {
 
@@ -120,6 +121,47 @@ Status TpLead(Communicator& comm, TpRankWorker& worker, TpOp op, int64_t a, int6
     return mine.WithContext("tensor parallel rank 0");
   }
   return all;
+}
+
+Status TpLeaderBackend::AllocateKvCache(const KvCacheLayout& layout) {
+  if (layout.block_size <= 0 || layout.num_blocks <= 0) {
+    return InvalidArgument("KV cache layout: num_blocks = {} and block_size = {} must be positive",
+                           layout.num_blocks, layout.block_size);
+  }
+  layout_ = KvCacheLayout{0, layout.block_size};
+  QILIN_RETURN_IF_ERROR(health_.Note(
+      TpLead(*lead_comm_, *lead_worker_, TpOp::kAllocateKv, layout.num_blocks, layout.block_size)));
+  layout_ = layout;
+  return Status::Ok();
+}
+
+Status TpLeaderBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
+  for (const auto& [src, dst] : src_dst) {
+    for (int32_t blk : {src, dst}) {
+      if (blk < 0 || blk >= layout_.num_blocks) {
+        return InvalidArgument("CopyKvBlocks: block {} is outside the pool of {} blocks", blk,
+                               layout_.num_blocks);
+      }
+    }
+  }
+  if (src_dst.empty()) return Status::Ok();
+  return health_.Note(TpLead(*lead_comm_, *lead_worker_, TpOp::kCopyKv, 0, 0, nullptr, &src_dst));
+}
+
+Status TpLeaderBackend::Forward(const ForwardBatch& batch, std::vector<float>* logits) {
+  QILIN_RETURN_IF_ERROR(ValidateForwardBatch(batch, config_, layout_));
+  if (logits == nullptr) return InvalidArgument("tensor parallel Forward: no logits vector");
+  return health_.Note(
+      TpLead(*lead_comm_, *lead_worker_, TpOp::kForward, 0, 0, &batch, nullptr, logits));
+}
+
+void TpLeaderBackend::StopFollowers() {
+  if ((!threads_.empty() || followers_elsewhere_) && lead_comm_ != nullptr) {
+    (void)TpLead(*lead_comm_, *lead_worker_, TpOp::kShutdown);
+  }
+  for (std::thread& t : threads_) t.join();
+  threads_.clear();
+  followers_elsewhere_ = false;
 }
 
 Status TpFollow(Communicator& comm, TpRankWorker& worker) {

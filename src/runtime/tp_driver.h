@@ -7,10 +7,14 @@
 
 #include <cstdint>
 #include <mutex>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "common/status.h"
+#include "model/config.h"
+#include "model/shard.h"
+#include "runtime/backend.h"
 #include "runtime/comm.h"
 #include "runtime/forward_batch.h"
 
@@ -60,6 +64,41 @@ class TpGroupHealth {
  private:
   mutable std::mutex mu_;
   Status broken_;
+};
+
+// Rank 0's side of the Backend interface for a tensor-parallel group, shared by the CPU and CUDA
+// TP backends: each call is checked, run on every rank (TpLead) and a group that failed for good
+// is remembered (Health). A subclass sets lead_comm_ / lead_worker_ to rank 0's, plans_ to every
+// rank's, starts follower threads_ (ranks as threads) or sets followers_elsewhere_ (processes),
+// and calls StopFollowers() first thing in its destructor.
+class TpLeaderBackend : public Backend {
+ public:
+  const ModelConfig& config() const override { return config_; }
+  const KvCacheLayout& kv_layout() const override { return layout_; }
+  Status AllocateKvCache(const KvCacheLayout& layout) override;
+  Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
+  Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) override;
+  // The group's failure once a call found it aborted (a rank lost, or one that gave up).
+  Status Health() const override { return health_.Get(); }
+
+  int tp() const { return static_cast<int>(plans_.size()); }
+  const ShardPlan& plan(int rank) const { return plans_.at(rank); }
+
+ protected:
+  explicit TpLeaderBackend(const ModelConfig& config) : config_(config) {}
+  // Shuts ranks 1..N-1 down (if any were started) and joins the follower threads.
+  void StopFollowers();
+
+  ModelConfig config_;
+  KvCacheLayout layout_;
+  std::vector<ShardPlan> plans_;  // every rank's
+  Communicator* lead_comm_ = nullptr;
+  TpRankWorker* lead_worker_ = nullptr;
+  std::vector<std::thread> threads_;  // ranks 1..N-1 as threads
+  bool followers_elsewhere_ = false;  // ranks 1..N-1 in other processes
+
+ private:
+  TpGroupHealth health_;
 };
 
 // Every rank: `mine` exchanged with every other rank's (a collective). OK when all are OK, else
