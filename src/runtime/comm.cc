@@ -136,6 +136,22 @@ class InProcessComm : public Communicator {
     return s_->Wait();
   }
 
+  // As AllGather, but only rank 0 reads the others' buffers.
+  Status GatherTo0(const float* send, int64_t count, float* recv) override {
+    if (count < 0) return InvalidArgument("GatherTo0: count = {} is negative", count);
+    s_->ptrs[rank_] = send;
+    s_->sizes[rank_] = count;
+    QILIN_RETURN_IF_ERROR(s_->Wait());
+    QILIN_RETURN_IF_ERROR(s_->CheckSizes("GatherTo0"));
+    if (rank_ == 0) {
+      for (int r = 0; r < s_->world_size; ++r) {
+        const float* p = static_cast<const float*>(s_->ptrs[r]);
+        std::copy(p, p + count, recv + r * count);
+      }
+    }
+    return s_->Wait();
+  }
+
   Status Broadcast(void* data, int64_t bytes, int root) override {
     if (bytes < 0) return InvalidArgument("Broadcast: bytes = {} is negative", bytes);
     if (root < 0 || root >= s_->world_size) {
@@ -158,6 +174,19 @@ class InProcessComm : public Communicator {
 };
 
 }  // namespace
+
+Status Communicator::GatherTo0(const float* send, int64_t count, float* recv) {
+  if (count < 0) return InvalidArgument("GatherTo0: count = {} is negative", count);
+  if (rank() == 0) return AllGather(send, count, recv);
+  std::vector<float> scratch;
+  try {
+    scratch.resize(static_cast<size_t>(count) * world_size());
+  } catch (const std::bad_alloc&) {
+    Abort("cannot allocate a gather's scratch");
+    return ResourceExhausted("GatherTo0: cannot allocate {} floats", count * world_size());
+  }
+  return AllGather(send, count, scratch.data());
+}
 
 InProcessCommGroup::InProcessCommGroup(int world_size)
     : state_(std::make_shared<State>(world_size)) {}

@@ -29,6 +29,10 @@ class Communicator {
   virtual Status AllReduceSum(float* data, int64_t count) = 0;
   // recv[r * count + i] = rank r's send[i]; recv holds world_size * count floats.
   virtual Status AllGather(const float* send, int64_t count, float* recv) = 0;
+  // recv[r * count + i] = rank r's send[i] on rank 0 only (recv may be null on the others): the
+  // all-gather when only rank 0 needs the result (a step's logits). By default an AllGather
+  // through a scratch buffer; a group between processes sends nothing back.
+  virtual Status GatherTo0(const float* send, int64_t count, float* recv);
   // Rank `root`'s `bytes` bytes at `data` copied into every other rank's `data`.
   virtual Status Broadcast(void* data, int64_t bytes, int root) = 0;
   // Returns when every rank has called it.

@@ -24,7 +24,14 @@ constexpr uint32_t kVersion = 1;
 // A refusal's message, and an abort's, are at most this long.
 constexpr int64_t kMaxMessage = 4096;
 
-enum Op : uint32_t { kAllReduce = 1, kAllGather = 2, kBroadcast = 3, kBarrier = 4, kAbort = 5 };
+enum Op : uint32_t {
+  kAllReduce = 1,
+  kAllGather = 2,
+  kBroadcast = 3,
+  kBarrier = 4,
+  kAbort = 5,
+  kGather = 6,
+};
 
 const char* OpName(uint32_t op) {
   switch (op) {
@@ -36,6 +43,8 @@ const char* OpName(uint32_t op) {
       return "Broadcast";
     case kBarrier:
       return "Barrier";
+    case kGather:
+      return "GatherTo0";
     default:
       return "abort";
   }
@@ -186,6 +195,15 @@ class SocketComm : public Communicator {
     return Collective(kAllGather, send, count * 4, 0, recv, count * 4 * world_size_);
   }
 
+  Status GatherTo0(const float* send, int64_t count, float* recv) override {
+    if (count < 0) return InvalidArgument("GatherTo0: count = {} is negative", count);
+    if (world_size_ == 1) {
+      std::copy(send, send + count, recv);
+      return Status::Ok();
+    }
+    return Collective(kGather, send, count * 4, 0, recv, rank_ == 0 ? count * 4 * world_size_ : 0);
+  }
+
   Status Broadcast(void* data, int64_t bytes, int root) override {
     if (bytes < 0) return InvalidArgument("Broadcast: bytes = {} is negative", bytes);
     if (root < 0 || root >= world_size_) {
@@ -256,8 +274,8 @@ class SocketComm : public Communicator {
     call.op = op;
     call.bytes = send_bytes;
     call.root = root;
-    const bool contributes =
-        op == kAllReduce || op == kAllGather || (op == kBroadcast && root == rank_);
+    const bool contributes = op == kAllReduce || op == kAllGather || op == kGather ||
+                             (op == kBroadcast && root == rank_);
     Status io = WriteAll(fd, &call, sizeof call, peer);
     if (io.ok() && contributes) io = WriteAll(fd, send, send_bytes, peer);
     if (!io.ok()) return PeerFailed(fd, nullptr, io, peer);
@@ -272,7 +290,7 @@ class SocketComm : public Communicator {
       if (!io.ok()) return PeerFailed(fd, nullptr, io, peer);
       return InvalidArgument("{}", msg);
     }
-    const bool receives = !(op == kBroadcast && root == rank_) && op != kBarrier;
+    const bool receives = !(op == kBroadcast && root == rank_) && op != kBarrier && op != kGather;
     if (receives) {
       if (reply.bytes != recv_bytes) return PeerFailed(fd, &reply, io, peer);
       io = ReadAll(fd, recv, recv_bytes, 0, peer);
@@ -291,19 +309,20 @@ class SocketComm : public Communicator {
       const float* mine = static_cast<const float*>(send);
       sum_.assign(mine, mine + send_bytes / 4);
     }
-    if (op == kAllGather && send_bytes > 0) std::memcpy(recv, send, send_bytes);
+    if ((op == kAllGather || op == kGather) && send_bytes > 0) std::memcpy(recv, send, send_bytes);
     for (int r = 1; r < world_size_; ++r) {
       const int fd = peers_[r - 1];
       const std::string peer = RankName(r);
       Frame call;
       Status io = ReadAll(fd, &call, sizeof call, timeout_s_, peer);
       if (!io.ok()) return PeerFailed(fd, nullptr, io, peer);
-      if (call.magic != kFrameMagic || call.op < kAllReduce || call.op > kAbort || call.bytes < 0) {
+      if (call.magic != kFrameMagic || call.op < kAllReduce || call.op > kGather ||
+          call.bytes < 0) {
         return PeerFailed(fd, &call, io, peer);
       }
       if (call.op == kAbort) return PeerFailed(fd, &call, io, peer);
       const bool contributes = call.op == kAllReduce || call.op == kAllGather ||
-                               (call.op == kBroadcast && call.root == r);
+                               call.op == kGather || (call.op == kBroadcast && call.root == r);
       const bool same = call.op == op && call.bytes == send_bytes && call.root == root;
       if (!same && mismatch.ok()) {
         mismatch =
@@ -325,7 +344,7 @@ class SocketComm : public Communicator {
         if (io.ok()) {
           for (size_t i = 0; i < scratch_.size(); ++i) sum_[i] += scratch_[i];
         }
-      } else if (op == kAllGather) {
+      } else if (op == kAllGather || op == kGather) {
         io = ReadAll(fd, static_cast<char*>(recv) + r * send_bytes, send_bytes, timeout_s_, peer);
       } else {  // the broadcast's root
         io = ReadAll(fd, recv, send_bytes, timeout_s_, peer);
@@ -348,7 +367,7 @@ class SocketComm : public Communicator {
         io = WriteAll(fd, &reply, sizeof reply, peer);
         if (io.ok()) io = WriteAll(fd, msg.data(), reply.bytes, peer);
       } else {
-        const bool receives = !(op == kBroadcast && root == r) && op != kBarrier;
+        const bool receives = !(op == kBroadcast && root == r) && op != kBarrier && op != kGather;
         reply.bytes = receives ? recv_bytes : 0;
         io = WriteAll(fd, &reply, sizeof reply, peer);
         if (io.ok() && receives) io = WriteAll(fd, recv, recv_bytes, peer);

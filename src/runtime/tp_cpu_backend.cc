@@ -206,7 +206,8 @@ Status TpCpuBackend::Rank::Forward(const ForwardBatch& batch, std::vector<float>
     std::fill(local_logits.data() + i * vpr + vrows, local_logits.data() + (i + 1) * vpr,
               -std::numeric_limits<float>::infinity());
   }
-  QILIN_RETURN_IF_ERROR(comm->AllGather(local_logits.data(), m * vpr, gathered.data()));
+  // Only rank 0 returns logits: the other ranks send theirs and get nothing back.
+  QILIN_RETURN_IF_ERROR(comm->GatherTo0(local_logits.data(), m * vpr, gathered.data()));
   if (logits != nullptr) {
     const int64_t V = c.vocab_size;
     logits->resize(m * V);

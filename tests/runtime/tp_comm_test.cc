@@ -124,6 +124,29 @@ TEST_P(CommSizeTest, AllGatherConcatenatesInRankOrder) {
   for (int r = 0; r < n; ++r) EXPECT_EQ(got[r], want) << "rank " << r;
 }
 
+TEST_P(CommSizeTest, GatherTo0ConcatenatesOnRankZeroOnly) {
+  const int n = std::get<1>(GetParam());
+  const int64_t count = 53;
+  std::vector<float> want;
+  for (int r = 0; r < n; ++r) {
+    auto v = RankData(r, count);
+    want.insert(want.end(), v.begin(), v.end());
+  }
+  std::vector<std::vector<float>> got(n);
+  RunRanks(n, [&](int r, Communicator& c) {
+    const auto mine = RankData(r, count);
+    got[r].assign(n * count, -1.0f);
+    EXPECT_TRUE(c.GatherTo0(mine.data(), count, got[r].data()).ok());
+    // And with no buffer on the ranks that receive nothing.
+    std::vector<float> again(r == 0 ? n * count : 0);
+    EXPECT_TRUE(c.GatherTo0(mine.data(), count, r == 0 ? again.data() : nullptr).ok());
+    if (r == 0) {
+      EXPECT_EQ(again, got[0]);
+    }
+  });
+  EXPECT_EQ(got[0], want);
+}
+
 TEST_P(CommSizeTest, BroadcastCopiesTheRootsBytes) {
   const int n = std::get<1>(GetParam());
   for (int root = 0; root < n; ++root) {
