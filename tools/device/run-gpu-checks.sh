@@ -68,6 +68,20 @@ same = sum(x == y for x, y in zip(a, b))
 print(f"{same}/{len(a)} requests identical batched vs alone (of {len(b)})")
 PY
 )"
+# Tensor parallelism with ranks as processes on this GPU (both ranks share it: staged collectives
+# over the TCP group), against the batched run above.
+run engine_tp2_process 180 "$G/qilin" generate --device cuda --model "$G/fixtures/golden/qwen2" \
+  --prompts-jsonl "$OUT/engine_prompts.jsonl" --ignore-eos --max-num-tokens 64 --block-size 8 \
+  --tp 2 --tp-launch process
+RES[tp2_process_agree]="$(python3 - "$OUT/engine_batched.out" "$OUT/engine_tp2_process.log" <<'PY'
+import json, sys
+def rows(p):
+    return [json.loads(l)["token_ids"] for l in open(p) if l.startswith("{")]
+a, b = rows(sys.argv[1]), rows(sys.argv[2])
+same = sum(x == y for x, y in zip(a, b))
+print(f"{same}/{len(a)} requests identical tp 2 (processes) vs tp 1 (of {len(b)})")
+PY
+)"
 fi
 if [ "$PART" != checks ]; then
 if [ -x "$G/qilin_bench_tokenizer" ] && [ -z "${QILIN_SKIP_TOKENIZER:-}" ]; then
