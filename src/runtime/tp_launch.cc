@@ -206,7 +206,7 @@ Status CheckTpLaunch(const TpLaunchOptions& launch, int tp) {
       return InvalidArgument(
           "--tp-launch mpi: no rank in the environment (OMPI_COMM_WORLD_RANK, PMI_RANK or "
           "QILIN_TP_RANK); start it with `mpirun -np {} qilin ...`",
-          tp);
+          tp > 1 ? std::to_string(tp) : std::string("N"));
     }
     if (place->world_size != tp || place->rank >= place->world_size) {
       return InvalidArgument(
