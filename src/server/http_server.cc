@@ -164,6 +164,9 @@ struct HttpServer::Impl {
   net::io_context ioc;
   std::optional<tcp::acceptor> acceptor;
   std::optional<net::executor_work_guard<net::io_context::executor_type>> work;
+  // The accept loop: re-arms itself after each connection (owned here, so that it does not own
+  // itself).
+  std::function<void()> accept_loop;
   HttpServer* server = nullptr;
 };
 
@@ -663,11 +666,10 @@ Status HttpServer::Start() {
   impl_->work.emplace(impl_->ioc.get_executor());
 
   // The accept loop.
-  auto accept = std::make_shared<std::function<void()>>();
-  *accept = [this, accept]() {
+  impl_->accept_loop = [this]() {
     if (!impl_->acceptor || !impl_->acceptor->is_open()) return;
     impl_->acceptor->async_accept(
-        net::make_strand(impl_->ioc), [this, accept](beast::error_code ec, tcp::socket socket) {
+        net::make_strand(impl_->ioc), [this](beast::error_code ec, tcp::socket socket) {
           if (ec == net::error::operation_aborted) return;
           if (!ec) {
             if (counters_.connections_open.load() >= options_.max_connections) {
@@ -680,10 +682,10 @@ Status HttpServer::Start() {
                   ->Run();
             }
           }
-          (*accept)();
+          impl_->accept_loop();
         });
   };
-  net::post(impl_->ioc, [accept] { (*accept)(); });
+  net::post(impl_->ioc, [this] { impl_->accept_loop(); });
   const int n = std::max(1, options_.threads);
   for (int i = 0; i < n; ++i) {
     threads_.emplace_back([this] {
