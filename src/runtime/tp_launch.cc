@@ -103,6 +103,9 @@ void ReapChildren(std::vector<pid_t>& children, double grace_s) {
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      spdlog::warn("tensor parallel: worker process {} ended with {}", pid, ExitText(status));
+    }
   }
   children.clear();
 }
