@@ -258,9 +258,8 @@ Status CudaTpBackend::Follow(const ModelConfig& config, const ModelWeights& weig
 }
 
 CudaTpBackend::~CudaTpBackend() {
-  // Only once the follower threads run (a Create that failed before them has none to stop).
+  // Only once the followers run (a Create that failed before them has none to stop).
   StopFollowers();
-  for (std::thread& t : threads_) t.join();
   for (auto& rk : ranks_) {
     DeviceScope scope(rk->device);
     rk.reset();

@@ -313,7 +313,6 @@ Result<std::unique_ptr<TpCpuBackend>> TpCpuBackend::Load(const ModelConfig& conf
 
 TpCpuBackend::~TpCpuBackend() {
   StopFollowers();
-  for (std::thread& t : threads_) t.join();
 }
 
 const ModelWeights& TpCpuBackend::shard(int rank) const { return ranks_.at(rank)->w; }
