@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "golden_util.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
@@ -23,12 +24,7 @@ namespace qilin {
 namespace {
 
 namespace fs = std::filesystem;
-
-// QILIN_FIXTURES_DIR overrides the source tree (the device machine gets a copy of the fixtures).
-fs::path GoldenDir() {
-  const char* env = std::getenv("QILIN_FIXTURES_DIR");
-  return env ? fs::path(env) / "golden" : fs::path(QILIN_SOURCE_DIR) / "tests/fixtures/golden";
-}
+using namespace golden;
 
 bool HaveGpu() {
   int n = 0;
@@ -37,61 +33,6 @@ bool HaveGpu() {
     return false;
   }
   return n > 0;
-}
-
-struct Fixture {
-  std::string name;
-  ModelConfig config;
-  std::unique_ptr<Backend> backend;
-  nlohmann::json reference;
-  std::shared_ptr<SafetensorsFile> logits;
-};
-
-Fixture LoadFixture(const std::string& name) {
-  Fixture f;
-  f.name = name;
-  fs::path dir = GoldenDir() / name;
-  auto config = LoadModelConfig(dir);
-  EXPECT_TRUE(config.ok()) << config.status().ToString();
-  f.config = *config;
-  // transformers imposes no length limit; llama-dynamic's reference runs 37 + 12 = 49 tokens,
-  // past the 24 x 2 that qilin derives for dynamic scaling by default.
-  f.config.max_model_len = 64;
-  auto weights = LoadModelWeights(f.config, dir);
-  EXPECT_TRUE(weights.ok()) << weights.status().ToString();
-  auto backend = MakeBackend("cuda", f.config, std::move(weights).value());
-  EXPECT_TRUE(backend.ok()) << backend.status().ToString();
-  f.backend = std::move(backend).value();
-  std::ifstream in(dir / "reference.json");
-  f.reference = nlohmann::json::parse(in);
-  auto logits = SafetensorsFile::Open(dir / "reference.safetensors");
-  EXPECT_TRUE(logits.ok()) << logits.status().ToString();
-  f.logits = *logits;
-  return f;
-}
-
-// One sequence, every position's logits, in a single prefill over blocks 0..n.
-std::vector<float> PrefillAllPositions(Backend& backend, const std::vector<int32_t>& ids) {
-  const int32_t block_size = 16;
-  const int32_t n = static_cast<int32_t>(ids.size());
-  const int32_t blocks = (n + block_size - 1) / block_size;
-  EXPECT_TRUE(backend.AllocateKvCache({blocks, block_size}).ok());
-  ForwardBatch b;
-  b.token_ids = ids;
-  for (int32_t i = 0; i < n; ++i) {
-    b.positions.push_back(i);
-    b.slot_mapping.push_back(i);
-    b.logits_indices.push_back(i);
-  }
-  b.query_start = {0, n};
-  b.context_lens = {n};
-  b.prompt_lens = {n};
-  b.max_blocks_per_seq = blocks;
-  for (int32_t i = 0; i < blocks; ++i) b.block_tables.push_back(i);
-  std::vector<float> logits;
-  Status st = backend.Forward(b, &logits);
-  EXPECT_TRUE(st.ok()) << st.ToString();
-  return logits;
 }
 
 // bf16 weights, bf16 KV cache and bf16 GEMM inputs against an f32 reference. Measured on an H100
@@ -103,7 +44,7 @@ constexpr double kMaxRelL2 = 3e-2;
 class CudaGoldenTest : public ::testing::TestWithParam<std::string> {};
 
 // Every position's logits of every prompt against the reference; prints the worst errors.
-void CheckLogits(Fixture& f, const char* label) {
+void CheckLogits(GoldenFixture& f, const char* label) {
   const int64_t vocab = f.config.vocab_size;
   const auto& prompts = f.reference["prompts"];
   double worst_rel = 0, worst_abs = 0;
@@ -138,7 +79,7 @@ void CheckLogits(Fixture& f, const char* label) {
 
 TEST_P(CudaGoldenTest, LogitsMatchTransformers) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
-  Fixture f = LoadFixture(GetParam());
+  GoldenFixture f = LoadGoldenFixture(GetParam(), "cuda");
   ASSERT_TRUE(f.backend);
   CheckLogits(f, "");
 }
@@ -147,7 +88,7 @@ TEST_P(CudaGoldenTest, LogitsMatchTransformers) {
 // default: the same logits with SwiGLU's gate|up in bf16 at every size (the 4096-token path).
 TEST_P(CudaGoldenTest, LogitsMatchTransformersBf16SwiGlu) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
-  Fixture f = LoadFixture(GetParam());
+  GoldenFixture f = LoadGoldenFixture(GetParam(), "cuda");
   ASSERT_TRUE(f.backend);
   auto* cuda = dynamic_cast<CudaBackend*>(f.backend.get());
   ASSERT_NE(cuda, nullptr);
@@ -157,7 +98,7 @@ TEST_P(CudaGoldenTest, LogitsMatchTransformersBf16SwiGlu) {
 
 TEST_P(CudaGoldenTest, GreedyMatchesWhereTheMarginAllows) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
-  Fixture f = LoadFixture(GetParam());
+  GoldenFixture f = LoadGoldenFixture(GetParam(), "cuda");
   ASSERT_TRUE(f.backend);
   const auto& prompts = f.reference["prompts"];
   const auto& greedy = f.reference["greedy"];

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/engine.h"
+#include "golden_util.h"
 #include "model/config.h"
 #include "model/shard.h"
 #include "model/weights.h"
@@ -29,11 +30,7 @@ namespace qilin {
 namespace {
 
 namespace fs = std::filesystem;
-
-fs::path GoldenDir() {
-  const char* env = std::getenv("QILIN_FIXTURES_DIR");
-  return env ? fs::path(env) / "golden" : fs::path(QILIN_SOURCE_DIR) / "tests/fixtures/golden";
-}
+using namespace golden;
 
 bool HaveGpu() { return CudaDeviceCount() > 0; }
 
@@ -42,31 +39,6 @@ bool HaveGpu() { return CudaDeviceCount() > 0; }
 // (2026-11-25): at most 4.1e-3 (qwen-v1, TP = 4), ~1e-7 mostly (docs/tensor-parallel.md); a
 // broken shard gives O(1) errors.
 constexpr double kMaxRelL2 = 1e-2;
-
-// One sequence, every position's logits, one prefill; blocks in reverse order.
-std::vector<float> PrefillAllPositions(Backend& backend, const std::vector<int32_t>& ids) {
-  const int32_t block_size = 16;
-  const int32_t n = static_cast<int32_t>(ids.size());
-  const int32_t blocks = (n + block_size - 1) / block_size;
-  EXPECT_TRUE(backend.AllocateKvCache({blocks + 1, block_size}).ok());
-  ForwardBatch b;
-  b.token_ids = ids;
-  for (int32_t i = 0; i < n; ++i) {
-    b.positions.push_back(i);
-    b.slot_mapping.push_back(static_cast<int64_t>(blocks - i / block_size) * block_size +
-                             i % block_size);
-    b.logits_indices.push_back(i);
-  }
-  b.query_start = {0, n};
-  b.context_lens = {n};
-  b.prompt_lens = {n};
-  b.max_blocks_per_seq = blocks;
-  for (int32_t i = 0; i < blocks; ++i) b.block_tables.push_back(blocks - i);
-  std::vector<float> logits;
-  Status st = backend.Forward(b, &logits);
-  EXPECT_TRUE(st.ok()) << st.ToString();
-  return logits;
-}
 
 // Prefill of ids[0, prompt) and then one decode step per further token (teacher forcing), two
 // sequences of the same ids in one batch at different blocks; the logits of the prefill's last
@@ -169,8 +141,8 @@ double CompareWithUnsharded(const std::string& label, const ModelConfig& c, cons
   double worst = 0;
   int greedy_equal = 0, greedy_total = 0;
   for (const auto& ids : prompts) {
-    const double pre = WorstRelL2(PrefillAllPositions(*sharded, ids),
-                                  PrefillAllPositions(**one, ids), c.vocab_size);
+    const double pre = WorstRelL2(PrefillAllPositions(*sharded, ids, true),
+                                  PrefillAllPositions(**one, ids, true), c.vocab_size);
     EXPECT_LT(pre, kMaxRelL2) << label << " tp " << tp << " prefill";
     // Greedy continuation on the unsharded backend; then both teacher-forced through it.
     GreedyRequest req{ids, gen_tokens, true};
@@ -326,8 +298,8 @@ TEST(CudaTpBackendTest, ProcessGroupRanksMatchThreadRanks) {
   EXPECT_EQ((*leader)->collectives(), "staged");
   EXPECT_EQ((*leader)->KvBytesPerToken(), threads->KvBytesPerToken());
   const std::vector<int32_t> ids = {3, 17, 101, 5, 77, 2, 9, 64, 31, 8, 150, 42, 11};
-  const std::vector<float> a = PrefillAllPositions(**leader, ids);
-  const std::vector<float> b = PrefillAllPositions(*threads, ids);
+  const std::vector<float> a = PrefillAllPositions(**leader, ids, true);
+  const std::vector<float> b = PrefillAllPositions(*threads, ids, true);
   ASSERT_EQ(a.size(), b.size());
   EXPECT_LT(WorstRelL2(a, b, c.vocab_size), 1e-5);
   leader->reset();
@@ -416,7 +388,7 @@ TEST(CudaTpBackendTest, EngineGreedyEqualsUnsharded) {
     }
     std::vector<int32_t> ids = reqs[i].prompt;
     ids.insert(ids.end(), a.begin(), a.begin() + s);
-    const std::vector<float> logits = PrefillAllPositions(**one, ids);
+    const std::vector<float> logits = PrefillAllPositions(**one, ids, true);
     const float* last = logits.data() + (ids.size() - 1) * c.vocab_size;
     const float gap = std::abs(last[a[s]] - last[b[s]]);
     std::printf("[cuda tp] engine request %zu: tp 2 differs from step %zu on, logit gap %.4f\n", i,

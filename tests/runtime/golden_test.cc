@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "golden_util.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
@@ -20,68 +21,12 @@ namespace qilin {
 namespace {
 
 namespace fs = std::filesystem;
-
-const fs::path kGoldenDir = fs::path(QILIN_SOURCE_DIR) / "tests/fixtures/golden";
-
-struct Fixture {
-  std::string name;
-  ModelConfig config;
-  std::unique_ptr<Backend> backend;
-  nlohmann::json reference;
-  std::shared_ptr<SafetensorsFile> logits;
-};
-
-Fixture LoadFixture(const std::string& name) {
-  Fixture f;
-  f.name = name;
-  fs::path dir = kGoldenDir / name;
-  auto config = LoadModelConfig(dir);
-  EXPECT_TRUE(config.ok()) << config.status().ToString();
-  f.config = *config;
-  // transformers imposes no length limit; llama-dynamic's reference runs 37 + 12 = 49 tokens,
-  // past the 24 x 2 that qilin derives for dynamic scaling by default.
-  f.config.max_model_len = 64;
-  auto weights = LoadModelWeights(f.config, dir);
-  EXPECT_TRUE(weights.ok()) << weights.status().ToString();
-  auto backend = MakeBackend("cpu", f.config, std::move(weights).value());
-  EXPECT_TRUE(backend.ok()) << backend.status().ToString();
-  f.backend = std::move(backend).value();
-  std::ifstream in(dir / "reference.json");
-  f.reference = nlohmann::json::parse(in);
-  auto logits = SafetensorsFile::Open(dir / "reference.safetensors");
-  EXPECT_TRUE(logits.ok()) << logits.status().ToString();
-  f.logits = *logits;
-  return f;
-}
-
-// One sequence, every position's logits, in a single prefill over blocks 0..n.
-std::vector<float> PrefillAllPositions(Backend& backend, const std::vector<int32_t>& ids) {
-  const int32_t block_size = 16;
-  const int32_t n = static_cast<int32_t>(ids.size());
-  const int32_t blocks = (n + block_size - 1) / block_size;
-  EXPECT_TRUE(backend.AllocateKvCache({blocks, block_size}).ok());
-  ForwardBatch b;
-  b.token_ids = ids;
-  for (int32_t i = 0; i < n; ++i) {
-    b.positions.push_back(i);
-    b.slot_mapping.push_back(i);
-    b.logits_indices.push_back(i);
-  }
-  b.query_start = {0, n};
-  b.context_lens = {n};
-  b.prompt_lens = {n};
-  b.max_blocks_per_seq = blocks;
-  for (int32_t i = 0; i < blocks; ++i) b.block_tables.push_back(i);
-  std::vector<float> logits;
-  Status st = backend.Forward(b, &logits);
-  EXPECT_TRUE(st.ok()) << st.ToString();
-  return logits;
-}
+using namespace golden;
 
 class GoldenTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GoldenTest, LogitsMatchTransformers) {
-  Fixture f = LoadFixture(GetParam());
+  GoldenFixture f = LoadGoldenFixture(GetParam(), "cpu");
   ASSERT_TRUE(f.backend);
   const int64_t vocab = f.config.vocab_size;
   const auto& prompts = f.reference["prompts"];
@@ -116,7 +61,7 @@ TEST_P(GoldenTest, LogitsMatchTransformers) {
 }
 
 TEST_P(GoldenTest, GreedyMatchesWhereTheMarginAllows) {
-  Fixture f = LoadFixture(GetParam());
+  GoldenFixture f = LoadGoldenFixture(GetParam(), "cpu");
   ASSERT_TRUE(f.backend);
   const auto& prompts = f.reference["prompts"];
   const auto& greedy = f.reference["greedy"];

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/engine.h"
+#include "golden_util.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "model/shard.h"
@@ -30,42 +31,7 @@ namespace qilin {
 namespace {
 
 namespace fs = std::filesystem;
-
-const fs::path kGoldenDir = fs::path(QILIN_SOURCE_DIR) / "tests/fixtures/golden";
-
-ModelConfig GoldenConfig(const std::string& name) {
-  auto c = LoadModelConfig(kGoldenDir / name);
-  EXPECT_TRUE(c.ok()) << c.status().ToString();
-  ModelConfig config = *c;
-  config.max_model_len = 64;  // as golden_test: llama-dynamic's reference runs 49 tokens
-  return config;
-}
-
-// One sequence, every position's logits, in one prefill.
-std::vector<float> PrefillAllPositions(Backend& backend, const std::vector<int32_t>& ids) {
-  const int32_t block_size = 16;
-  const int32_t n = static_cast<int32_t>(ids.size());
-  const int32_t blocks = (n + block_size - 1) / block_size;
-  EXPECT_TRUE(backend.AllocateKvCache({blocks + 1, block_size}).ok());
-  ForwardBatch b;
-  b.token_ids = ids;
-  // Blocks in reverse order, so that the slots are not the positions.
-  for (int32_t i = 0; i < n; ++i) {
-    b.positions.push_back(i);
-    b.slot_mapping.push_back(static_cast<int64_t>(blocks - i / block_size) * block_size +
-                             i % block_size);
-    b.logits_indices.push_back(i);
-  }
-  b.query_start = {0, n};
-  b.context_lens = {n};
-  b.prompt_lens = {n};
-  b.max_blocks_per_seq = blocks;
-  for (int32_t i = 0; i < blocks; ++i) b.block_tables.push_back(blocks - i);
-  std::vector<float> logits;
-  Status st = backend.Forward(b, &logits);
-  EXPECT_TRUE(st.ok()) << st.ToString();
-  return logits;
-}
+using namespace golden;
 
 struct Diff {
   double rel_l2 = 0;  // worst over positions
@@ -98,24 +64,24 @@ class TpGoldenTest : public ::testing::TestWithParam<Case> {};
 TEST_P(TpGoldenTest, LogitsEqualTheUnshardedBackendAndTransformers) {
   const auto [name, tp] = GetParam();
   const ModelConfig c = GoldenConfig(name);
-  auto full = LoadModelWeights(c, kGoldenDir / name);
+  auto full = LoadModelWeights(c, GoldenDir() / name);
   ASSERT_TRUE(full.ok()) << full.status().ToString();
   auto ref_backend = CpuBackend::Create(c, *full);
   ASSERT_TRUE(ref_backend.ok()) << ref_backend.status().ToString();
-  auto tp_backend = TpCpuBackend::Load(c, kGoldenDir / name, tp);
+  auto tp_backend = TpCpuBackend::Load(c, GoldenDir() / name, tp);
   ASSERT_TRUE(tp_backend.ok()) << tp_backend.status().ToString();
   ASSERT_EQ((*tp_backend)->tp(), tp);
 
-  std::ifstream in(kGoldenDir / name / "reference.json");
+  std::ifstream in(GoldenDir() / name / "reference.json");
   const nlohmann::json reference = nlohmann::json::parse(in);
-  auto hf = SafetensorsFile::Open(kGoldenDir / name / "reference.safetensors");
+  auto hf = SafetensorsFile::Open(GoldenDir() / name / "reference.safetensors");
   ASSERT_TRUE(hf.ok()) << hf.status().ToString();
   Diff worst_cpu, worst_hf;
   for (size_t p = 0; p < reference["prompts"].size(); ++p) {
     const auto ids = reference["prompts"][p].get<std::vector<int32_t>>();
     const int64_t n = static_cast<int64_t>(ids.size());
-    const std::vector<float> want = PrefillAllPositions(**ref_backend, ids);
-    const std::vector<float> got = PrefillAllPositions(**tp_backend, ids);
+    const std::vector<float> want = PrefillAllPositions(**ref_backend, ids, true);
+    const std::vector<float> got = PrefillAllPositions(**tp_backend, ids, true);
     ASSERT_EQ(got.size(), n * c.vocab_size);
     const Diff vs_cpu = Compare(got, want.data(), n, c.vocab_size);
     auto hf_logits = (*hf)->Find("logits_" + std::to_string(p));
@@ -135,13 +101,13 @@ TEST_P(TpGoldenTest, LogitsEqualTheUnshardedBackendAndTransformers) {
 TEST_P(TpGoldenTest, GreedyDecodingEqualsTheUnshardedBackend) {
   const auto [name, tp] = GetParam();
   const ModelConfig c = GoldenConfig(name);
-  auto full = LoadModelWeights(c, kGoldenDir / name);
+  auto full = LoadModelWeights(c, GoldenDir() / name);
   ASSERT_TRUE(full.ok());
   auto ref_backend = CpuBackend::Create(c, *full);
   ASSERT_TRUE(ref_backend.ok());
   auto tp_backend = TpCpuBackend::Create(c, *full, tp);
   ASSERT_TRUE(tp_backend.ok()) << tp_backend.status().ToString();
-  std::ifstream in(kGoldenDir / name / "reference.json");
+  std::ifstream in(GoldenDir() / name / "reference.json");
   const nlohmann::json reference = nlohmann::json::parse(in);
   for (size_t p = 0; p < reference["prompts"].size(); ++p) {
     GreedyRequest req;
@@ -189,13 +155,13 @@ TEST(TpCpuBackendTest, ShapesThatDoNotDivideAreRefusedWithTheKeyAndValue) {
            {"qwen3", 4, "num_attention_heads = 6"},
            {"llama-linear", 3, "num_attention_heads = 4"}}) {
     const ModelConfig c = GoldenConfig(name);
-    auto b = TpCpuBackend::Load(c, kGoldenDir / name, tp);
+    auto b = TpCpuBackend::Load(c, GoldenDir() / name, tp);
     ASSERT_FALSE(b.ok()) << name;
     EXPECT_EQ(b.status().code(), StatusCode::kInvalidArgument);
     EXPECT_NE(b.status().message().find(key), std::string::npos) << b.status().message();
     EXPECT_NE(b.status().message().find("size " + std::to_string(tp)), std::string::npos)
         << b.status().message();
-    auto w = LoadModelWeights(c, kGoldenDir / name);
+    auto w = LoadModelWeights(c, GoldenDir() / name);
     ASSERT_TRUE(w.ok());
     auto f = MakeTpBackend("cpu", c, std::move(*w), tp);
     ASSERT_FALSE(f.ok());
@@ -205,7 +171,7 @@ TEST(TpCpuBackendTest, ShapesThatDoNotDivideAreRefusedWithTheKeyAndValue) {
 
 TEST(TpCpuBackendTest, KvBytesCountReplicatedHeadsOnEveryRank) {
   const ModelConfig c = GoldenConfig("llama-dynamic");  // 2 KV heads
-  auto w = LoadModelWeights(c, kGoldenDir / "llama-dynamic");
+  auto w = LoadModelWeights(c, GoldenDir() / "llama-dynamic");
   ASSERT_TRUE(w.ok());
   auto one = CpuBackend::Create(c, *w);
   auto two = TpCpuBackend::Create(c, *w, 2);
@@ -222,7 +188,7 @@ TEST(TpCpuBackendTest, KvBytesCountReplicatedHeadsOnEveryRank) {
 
 TEST(TpCpuBackendTest, BadCallsAreRefusedAndTheRanksKeepWorking) {
   const ModelConfig c = GoldenConfig("qwen2");
-  auto w = LoadModelWeights(c, kGoldenDir / "qwen2");
+  auto w = LoadModelWeights(c, GoldenDir() / "qwen2");
   ASSERT_TRUE(w.ok());
   auto b = TpCpuBackend::Create(c, *w, 2);
   ASSERT_TRUE(b.ok());
@@ -282,7 +248,7 @@ TEST(TpCpuBackendTest, RanksOverSocketsEqualRanksAsThreadsBitForBit) {
   for (const auto& [name, tp] :
        std::vector<std::pair<std::string, int>>{{"qwen2", 2}, {"llama-dynamic", 4}}) {
     const ModelConfig c = GoldenConfig(name);
-    auto w = LoadModelWeights(c, kGoldenDir / name);
+    auto w = LoadModelWeights(c, GoldenDir() / name);
     ASSERT_TRUE(w.ok());
     auto threads = TpCpuBackend::Create(c, *w, tp);
     ASSERT_TRUE(threads.ok()) << threads.status().ToString();
@@ -305,7 +271,8 @@ TEST(TpCpuBackendTest, RanksOverSocketsEqualRanksAsThreadsBitForBit) {
     EXPECT_EQ((*leader)->KvBytesPerToken(), (*threads)->KvBytesPerToken());
 
     const std::vector<int32_t> ids = {3, 17, 101, 5, 77, 2, 9, 64, 31, 8, 150, 42, 11};
-    EXPECT_EQ(PrefillAllPositions(**leader, ids), PrefillAllPositions(**threads, ids)) << name;
+    EXPECT_EQ(PrefillAllPositions(**leader, ids, true), PrefillAllPositions(**threads, ids, true))
+        << name;
     GreedyRequest req;
     req.prompt_ids = ids;
     req.max_tokens = 12;
@@ -325,7 +292,7 @@ TEST(TpCpuBackendTest, RanksOverSocketsEqualRanksAsThreadsBitForBit) {
 // A following rank that cannot make its shard fails rank 0's start with that rank's error.
 TEST(TpCpuBackendTest, AFollowerThatCannotMakeItsShardFailsTheLeaderWithItsError) {
   const ModelConfig c = GoldenConfig("qwen2");
-  auto w = LoadModelWeights(c, kGoldenDir / "qwen2");
+  auto w = LoadModelWeights(c, GoldenDir() / "qwen2");
   ASSERT_TRUE(w.ok());
   auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
   ASSERT_TRUE(listener.ok());
@@ -350,7 +317,7 @@ TEST(TpCpuBackendTest, AFollowerThatCannotMakeItsShardFailsTheLeaderWithItsError
 // then on, which is what turns `serve` unready and stops it.
 TEST(TpCpuBackendTest, ALostFollowerFailsTheNextCallAndHealth) {
   const ModelConfig c = GoldenConfig("qwen2");
-  auto w = LoadModelWeights(c, kGoldenDir / "qwen2");
+  auto w = LoadModelWeights(c, GoldenDir() / "qwen2");
   ASSERT_TRUE(w.ok());
   auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
   ASSERT_TRUE(listener.ok());
