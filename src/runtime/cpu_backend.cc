@@ -81,13 +81,7 @@ int64_t CpuBackend::KvBytesPerToken() const {
 
 Result<int32_t> CpuBackend::ProposeNumKvBlocks(int32_t block_size, double memory_fraction,
                                                int32_t max_num_tokens) const {
-  if (block_size <= 0) return InvalidArgument("block_size = {} must be positive", block_size);
-  if (!(memory_fraction > 0.0 && memory_fraction <= 1.0)) {
-    return InvalidArgument("memory fraction = {} must be in (0, 1]", memory_fraction);
-  }
-  if (max_num_tokens <= 0) {
-    return InvalidArgument("max_num_tokens = {} must be positive", max_num_tokens);
-  }
+  QILIN_RETURN_IF_ERROR(ValidateKvProposal(block_size, memory_fraction, max_num_tokens));
   QILIN_ASSIGN_OR_RETURN(int64_t avail, MemAvailableBytes());
   const ModelConfig& c = config_;
   // Activations of one step: per thread x, h and two partial sums; shared q, k, v, attn, gate, up;

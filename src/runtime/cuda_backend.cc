@@ -386,13 +386,7 @@ Status CudaBackend::EnsureActivations(int32_t t) {
 
 Result<int32_t> CudaBackend::ProposeNumKvBlocks(int32_t block_size, double memory_fraction,
                                                 int32_t max_num_tokens) const {
-  if (block_size <= 0) return InvalidArgument("block_size = {} must be positive", block_size);
-  if (!(memory_fraction > 0.0 && memory_fraction <= 1.0)) {
-    return InvalidArgument("memory fraction = {} must be in (0, 1]", memory_fraction);
-  }
-  if (max_num_tokens <= 0) {
-    return InvalidArgument("max_num_tokens = {} must be positive", max_num_tokens);
-  }
+  QILIN_RETURN_IF_ERROR(ValidateKvProposal(block_size, memory_fraction, max_num_tokens));
   size_t free_b = 0, total_b = 0;
   QILIN_CUDA_RETURN(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
   // Activations still to be allocated, and a reserve for graphs, cuBLASLt and the input buffers.

@@ -108,4 +108,15 @@ Status ValidateForwardBatch(const ForwardBatch& b, const ModelConfig& config,
   return Status::Ok();
 }
 
+Status ValidateKvProposal(int32_t block_size, double memory_fraction, int32_t max_num_tokens) {
+  if (block_size <= 0) return InvalidArgument("block_size = {} must be positive", block_size);
+  if (!(memory_fraction > 0.0 && memory_fraction <= 1.0)) {
+    return InvalidArgument("memory fraction = {} must be in (0, 1]", memory_fraction);
+  }
+  if (max_num_tokens <= 0) {
+    return InvalidArgument("max_num_tokens = {} must be positive", max_num_tokens);
+  }
+  return Status::Ok();
+}
+
 }  // namespace qilin

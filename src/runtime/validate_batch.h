@@ -15,4 +15,8 @@ namespace qilin {
 Status ValidateForwardBatch(const ForwardBatch& batch, const ModelConfig& config,
                             const KvCacheLayout& layout);
 
+// The arguments of Backend::ProposeNumKvBlocks: InvalidArgument naming the one that is not
+// positive (block_size, max_num_tokens) or not in (0, 1] (memory_fraction).
+Status ValidateKvProposal(int32_t block_size, double memory_fraction, int32_t max_num_tokens);
+
 }  // namespace qilin
