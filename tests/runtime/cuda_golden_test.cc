@@ -43,45 +43,11 @@ constexpr double kMaxRelL2 = 3e-2;
 
 class CudaGoldenTest : public ::testing::TestWithParam<std::string> {};
 
-// Every position's logits of every prompt against the reference; prints the worst errors.
-void CheckLogits(GoldenFixture& f, const char* label) {
-  const int64_t vocab = f.config.vocab_size;
-  const auto& prompts = f.reference["prompts"];
-  double worst_rel = 0, worst_abs = 0;
-  for (size_t p = 0; p < prompts.size(); ++p) {
-    std::vector<int32_t> ids = prompts[p].get<std::vector<int32_t>>();
-    std::vector<float> mine = PrefillAllPositions(*f.backend, ids);
-    auto ref = f.logits->Find("logits_" + std::to_string(p));
-    ASSERT_TRUE(ref.ok()) << ref.status().ToString();
-    ASSERT_EQ(ref->dtype, DType::kF32);
-    ASSERT_EQ(ref->shape, (std::vector<int64_t>{static_cast<int64_t>(ids.size()), vocab}));
-    ASSERT_EQ(mine.size(), ids.size() * vocab);
-    const float* r = static_cast<const float*>(ref->data);
-    for (size_t t = 0; t < ids.size(); ++t) {
-      double diff2 = 0, ref2 = 0;
-      for (int64_t v = 0; v < vocab; ++v) {
-        double a = mine[t * vocab + v], b = r[t * vocab + v];
-        ASSERT_FALSE(std::isnan(a)) << "NaN at prompt " << p << " position " << t;
-        diff2 += (a - b) * (a - b);
-        ref2 += b * b;
-        worst_abs = std::max(worst_abs, std::abs(a - b));
-      }
-      double rel = std::sqrt(diff2 / ref2);
-      worst_rel = std::max(worst_rel, rel);
-      EXPECT_LT(rel, kMaxRelL2) << f.name << " " << label << " prompt " << p << " position " << t;
-    }
-  }
-  ::testing::Test::RecordProperty(std::string("max_rel_l2") + label, std::to_string(worst_rel));
-  ::testing::Test::RecordProperty(std::string("max_abs") + label, std::to_string(worst_abs));
-  std::printf("[cuda golden] %-16s%-12s max relative L2 %.2e, max abs %.2e\n", f.name.c_str(),
-              label, worst_rel, worst_abs);
-}
-
 TEST_P(CudaGoldenTest, LogitsMatchTransformers) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
   GoldenFixture f = LoadGoldenFixture(GetParam(), "cuda");
   ASSERT_TRUE(f.backend);
-  CheckLogits(f, "");
+  CheckLogitsAgainstReference(f, kMaxRelL2, "cuda golden", "");
 }
 
 // The fixtures' prompts are shorter than a prefill-sized step, so they keep f32 gate|up by
@@ -93,7 +59,7 @@ TEST_P(CudaGoldenTest, LogitsMatchTransformersBf16SwiGlu) {
   auto* cuda = dynamic_cast<CudaBackend*>(f.backend.get());
   ASSERT_NE(cuda, nullptr);
   ASSERT_TRUE(cuda->SetSwiGluBf16MinRows(0).ok());
-  CheckLogits(f, " bf16-swiglu");
+  CheckLogitsAgainstReference(f, kMaxRelL2, "cuda golden", " bf16-swiglu");
 }
 
 TEST_P(CudaGoldenTest, GreedyMatchesWhereTheMarginAllows) {

@@ -3,6 +3,9 @@
 // device with its transformers reference, and one prefill that returns every position's logits.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -92,6 +95,43 @@ inline std::vector<float> PrefillAllPositions(Backend& backend, const std::vecto
   Status st = backend.Forward(b, &logits);
   EXPECT_TRUE(st.ok()) << st.ToString();
   return logits;
+}
+
+// Every position's logits of every prompt of `f` against transformers' reference: the relative L2
+// error of each position below `max_rel_l2`, no NaN. Prints "[<prefix>] <fixture><label> max
+// relative L2 ..., max abs ..." and records both as test properties (suffixed with `label`).
+inline void CheckLogitsAgainstReference(GoldenFixture& f, double max_rel_l2,
+                                        const std::string& prefix, const std::string& label = "") {
+  const int64_t vocab = f.config.vocab_size;
+  const auto& prompts = f.reference["prompts"];
+  double worst_rel = 0, worst_abs = 0;
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    std::vector<int32_t> ids = prompts[p].get<std::vector<int32_t>>();
+    std::vector<float> mine = PrefillAllPositions(*f.backend, ids);
+    auto ref = f.logits->Find("logits_" + std::to_string(p));
+    ASSERT_TRUE(ref.ok()) << ref.status().ToString();
+    ASSERT_EQ(ref->dtype, DType::kF32);
+    ASSERT_EQ(ref->shape, (std::vector<int64_t>{static_cast<int64_t>(ids.size()), vocab}));
+    ASSERT_EQ(mine.size(), ids.size() * vocab);
+    const float* r = static_cast<const float*>(ref->data);
+    for (size_t t = 0; t < ids.size(); ++t) {
+      double diff2 = 0, ref2 = 0;
+      for (int64_t v = 0; v < vocab; ++v) {
+        const double a = mine[t * vocab + v], b = r[t * vocab + v];
+        ASSERT_FALSE(std::isnan(a)) << "NaN at prompt " << p << " position " << t;
+        diff2 += (a - b) * (a - b);
+        ref2 += b * b;
+        worst_abs = std::max(worst_abs, std::abs(a - b));
+      }
+      const double rel = std::sqrt(diff2 / ref2);
+      worst_rel = std::max(worst_rel, rel);
+      EXPECT_LT(rel, max_rel_l2) << f.name << label << " prompt " << p << " position " << t;
+    }
+  }
+  ::testing::Test::RecordProperty("max_rel_l2" + label, std::to_string(worst_rel));
+  ::testing::Test::RecordProperty("max_abs" + label, std::to_string(worst_abs));
+  std::printf("[%s] %-16s%-12s max relative L2 %.2e, max abs %.2e\n", prefix.c_str(),
+              f.name.c_str(), label.c_str(), worst_rel, worst_abs);
 }
 
 }  // namespace qilin::golden
