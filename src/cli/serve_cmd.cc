@@ -277,8 +277,13 @@ int RunServe(ServeOptions o) {
   if (!made.ok()) throw Error(made.status());
   std::unique_ptr<pipeline::ModelPipeline> pipe = std::move(made).value();
   const pipeline::ModelInfo& info = pipe->info();
-  spdlog::info("serve: model '{}' ({}, {:.1f}M parameters) from {} on {} in {:.1f} s", info.name,
+  spdlog::info("serve: model '{}' ({}, {:.1f}M parameters) from {} on {}{} in {:.1f} s", info.name,
                info.architecture, info.num_parameters / 1e6, info.model_dir, info.device,
+               o.tpf.tp > 1 ? fmt::format(", {} tensor-parallel ranks as {}", o.tpf.tp,
+                                          o.tpf.launch.mode == "thread"    ? "threads"
+                                          : o.tpf.launch.mode == "process" ? "processes"
+                                                                           : "mpirun processes")
+                            : std::string(),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   spdlog::info(
       "serve: max model len {}, vocab {}, eos {}, max batch {}, max tokens/step {}, prefix "
