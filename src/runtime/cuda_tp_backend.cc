@@ -159,6 +159,7 @@ Result<std::unique_ptr<CudaTpBackend::Rank>> CudaTpBackend::JoinProcessGroup(
     const ModelConfig& config, const ModelWeights& weights, std::unique_ptr<Communicator> comm,
     int device, const CudaTpOptions& options) {
   const int tp = comm->world_size(), r = comm->rank();
+  QILIN_RETURN_IF_ERROR(TpCheckSameModel(*comm, config));
   auto rank = std::make_unique<Rank>();
   rank->device = device;
   Status st = CheckShardable(config, tp);

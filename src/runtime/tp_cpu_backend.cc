@@ -276,6 +276,7 @@ Result<std::unique_ptr<TpCpuBackend>> TpCpuBackend::CreateLeader(
     return InvalidArgument("tensor parallel: the leader must be rank 0, not {}", comm->rank());
   }
   const int tp = comm->world_size();
+  QILIN_RETURN_IF_ERROR(TpCheckSameModel(*comm, config));
   std::unique_ptr<TpCpuBackend> b(new TpCpuBackend(config));
   Status made = CheckModel(config, weights, tp);
   if (made.ok()) made = b->SetPlans(tp);
@@ -293,6 +294,7 @@ Result<std::unique_ptr<TpCpuBackend>> TpCpuBackend::CreateLeader(
 
 Status TpCpuBackend::Follow(const ModelConfig& config, const ModelWeights& weights,
                             std::unique_ptr<Communicator> comm) {
+  QILIN_RETURN_IF_ERROR(TpCheckSameModel(*comm, config));
   Status made = CheckModel(config, weights, comm->world_size());
   Result<std::unique_ptr<Rank>> rank =
       made.ok() ? MakeRank(&config, weights, comm->world_size(), comm->rank())

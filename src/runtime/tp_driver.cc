@@ -1,5 +1,6 @@
 #include "runtime/tp_driver.h"
 
+#include <functional>
 #include <new>
 #include <string>
 
@@ -90,6 +91,47 @@ Status TpExchangeStatus(Communicator& comm, const Status& mine) {
     QILIN_RETURN_IF_ERROR(comm.Broadcast(msg.data(), len, r));
     return Status(static_cast<StatusCode>(static_cast<int>(codes[r])), msg)
         .WithContext(fmt::format("tensor parallel rank {}", r));
+  }
+  return Status::Ok();
+}
+
+Status TpCheckSameModel(Communicator& comm, const ModelConfig& c) {
+  // The fields as exact small numbers: each fits a float's 24-bit mantissa, or is hashed to 20
+  // bits where it may not (rope floats).
+  const auto h20 = [](double x) {
+    return static_cast<float>(std::hash<std::string>{}(fmt::format("{:.17g}", x)) & 0xFFFFF);
+  };
+  const std::vector<float> mine = {static_cast<float>(static_cast<int>(c.arch)),
+                                   static_cast<float>(c.vocab_size),
+                                   static_cast<float>(c.hidden_size),
+                                   static_cast<float>(c.intermediate_size),
+                                   static_cast<float>(c.num_layers),
+                                   static_cast<float>(c.num_heads),
+                                   static_cast<float>(c.num_kv_heads),
+                                   static_cast<float>(c.head_dim),
+                                   static_cast<float>(c.MaxModelLen()),
+                                   h20(c.rope_theta),
+                                   h20(c.rms_norm_eps),
+                                   static_cast<float>(c.tie_word_embeddings),
+                                   static_cast<float>(c.attention_bias),
+                                   static_cast<float>(c.qk_norm)};
+  static constexpr const char* kNames[] = {
+      "architecture",     "vocab_size", "hidden_size",  "intermediate_size",
+      "num_layers",       "num_heads",  "num_kv_heads", "head_dim",
+      "max model length", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
+      "attention_bias",   "qk_norm"};
+  const int n = comm.world_size();
+  const int64_t k = static_cast<int64_t>(mine.size());
+  std::vector<float> all(static_cast<size_t>(n * k));
+  QILIN_RETURN_IF_ERROR(comm.AllGather(mine.data(), k, all.data()));
+  for (int r = 1; r < n; ++r) {
+    for (int64_t i = 0; i < k; ++i) {
+      if (all[r * k + i] != all[i]) {
+        return InvalidArgument(
+            "tensor parallel rank {} loaded another model than rank 0: its {} differs ({} vs {})",
+            r, kNames[i], all[r * k + i], all[i]);
+      }
+    }
   }
   return Status::Ok();
 }

@@ -101,6 +101,11 @@ class TpLeaderBackend : public Backend {
   TpGroupHealth health_;
 };
 
+// Every rank (a collective): InvalidArgument naming the first rank whose model differs from rank
+// 0's in a shape that the ranks must share (architecture, sizes, heads, vocabulary, rope,
+// maximum length) — e.g. mpirun's ranks reading different checkpoints on different nodes.
+Status TpCheckSameModel(Communicator& comm, const ModelConfig& config);
+
 // Every rank: `mine` exchanged with every other rank's (a collective). OK when all are OK, else
 // the lowest failing rank's status with "tensor parallel rank R" as context. When the group is
 // already aborted, the abort's status (which names the rank that aborted and why).

@@ -313,6 +313,34 @@ TEST(TpCpuBackendTest, AFollowerThatCannotMakeItsShardFailsTheLeaderWithItsError
   EXPECT_FALSE(followed.ok());
 }
 
+// A following process that loaded another model (mpirun's nodes with different checkpoints) is
+// refused on every rank, naming the rank and the field.
+TEST(TpCpuBackendTest, AFollowerWithAnotherModelIsRefused) {
+  const ModelConfig c = GoldenConfig("qwen2");
+  auto w = LoadModelWeights(c, GoldenDir() / "qwen2");
+  ASSERT_TRUE(w.ok());
+  auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
+  ASSERT_TRUE(listener.ok());
+  Status followed;
+  std::thread follower([&] {
+    auto comm = ConnectSocketComm({"127.0.0.1", (*listener)->port()}, 1, 2, 10);
+    ASSERT_TRUE(comm.ok());
+    ModelConfig other = c;
+    other.num_layers += 1;
+    followed = TpCpuBackend::Follow(other, *w, std::move(*comm));
+  });
+  auto comm = (*listener)->Accept(2, 10);
+  ASSERT_TRUE(comm.ok());
+  auto leader = TpCpuBackend::CreateLeader(c, *w, std::move(*comm));
+  follower.join();
+  ASSERT_FALSE(leader.ok());
+  EXPECT_NE(leader.status().message().find(
+                "rank 1 loaded another model than rank 0: its num_layers differs"),
+            std::string::npos)
+      << leader.status().message();
+  EXPECT_EQ(followed.code(), StatusCode::kInvalidArgument) << followed.ToString();
+}
+
 // A following process that dies: rank 0's next call fails (no hang) and Health() says why from
 // then on, which is what turns `serve` unready and stops it.
 TEST(TpCpuBackendTest, ALostFollowerFailsTheNextCallAndHealth) {
@@ -325,6 +353,7 @@ TEST(TpCpuBackendTest, ALostFollowerFailsTheNextCallAndHealth) {
     auto comm = ConnectSocketComm({"127.0.0.1", (*listener)->port()}, 1, 2, 10);
     ASSERT_TRUE(comm.ok());
     // As Follow does once its shard is made; then the process is gone.
+    EXPECT_TRUE(TpCheckSameModel(**comm, c).ok());
     EXPECT_TRUE(TpExchangeStatus(**comm, Status::Ok()).ok());
   });
   auto comm = (*listener)->Accept(2, 10);
