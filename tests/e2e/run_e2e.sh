@@ -55,10 +55,11 @@ echo "$out" | grep -q '"completion_tokens":5' || fail "completions usage: $out"
 out=$(curl -sf "${AUTH[@]}" "$B/v1/chat/completions" -H 'Content-Type: application/json' \
   -d '{"messages":[{"role":"user","content":"你好"}],"max_tokens":6}')
 echo "$out" | grep -q '"object":"chat.completion"' || fail "chat: $out"
-# SSE, raw: every event is "data: ..." followed by a blank line; the last is [DONE].
+# SSE, raw: every event is "data: ..." followed by a blank line; the last is [DONE]. The reply
+# is sampled: ignore_eos keeps a sampled end of turn from ending it before its 8 tokens.
 curl -sN "${AUTH[@]}" "$B/v1/chat/completions" -H 'Content-Type: application/json' \
   -d '{"messages":[{"role":"user","content":"Hello"}],"max_tokens":8,"stream":true,
-       "stream_options":{"include_usage":true}}' >"$LOG.sse"
+       "ignore_eos":true,"stream_options":{"include_usage":true}}' >"$LOG.sse"
 node -e '
 const s = require("fs").readFileSync(process.argv[1], "utf8");
 if (!s.endsWith("data: [DONE]\n\n")) throw new Error("no [DONE] at the end");
