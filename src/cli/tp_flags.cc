@@ -2,8 +2,6 @@
 
 #include <cstdio>
 
-#include <spdlog/spdlog.h>
-
 #include "common/status.h"
 
 namespace qilin::cli {
@@ -30,20 +28,11 @@ std::optional<int> RunIfTpFollower(TpFlags* flags, const std::string& device,
         "--tp-launch mpi",
         env->rank, env->world_size, flags->launch.mode));
   }
-  if (flags->launch.mode == "mpi" && flags->tp == 1) {
-    if (std::optional<MpiPlace> place = MpiPlaceFromEnvironment()) flags->tp = place->world_size;
-  }
+  if (flags->launch.mode == "mpi" && flags->tp == 1 && env) flags->tp = env->world_size;
   if (Status st = CheckTpLaunch(flags->launch, flags->tp); !st.ok()) throw Error(st);
   if (!IsMpiFollower(flags->launch)) return std::nullopt;
-  const MpiPlace place = *MpiPlaceFromEnvironment();
-  std::string master = flags->launch.master.empty() ? "127.0.0.1:29531" : flags->launch.master;
-  int cuda_device = place.local_rank;
-  spdlog::info("tensor parallel: rank {} of {} (mpirun), following rank 0 at {}", place.rank,
-               place.world_size, master);
-  Status st = RunTpWorker(device, cuda_device, source, flags->tp, place.rank, master,
-                          flags->launch.join_timeout_s);
-  if (!st.ok()) {
-    std::fprintf(stderr, "qilin: tensor parallel rank %d: error: %s\n", place.rank,
+  if (Status st = RunMpiFollower(device, source, flags->tp, flags->launch); !st.ok()) {
+    std::fprintf(stderr, "qilin: tensor parallel rank %d: error: %s\n", env->rank,
                  st.message().c_str());
     return 1;
   }

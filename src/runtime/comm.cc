@@ -124,32 +124,11 @@ class InProcessComm : public Communicator {
   }
 
   Status AllGather(const float* send, int64_t count, float* recv) override {
-    if (count < 0) return InvalidArgument("AllGather: count = {} is negative", count);
-    s_->ptrs[rank_] = send;
-    s_->sizes[rank_] = count;
-    QILIN_RETURN_IF_ERROR(s_->Wait());
-    QILIN_RETURN_IF_ERROR(s_->CheckSizes("AllGather"));
-    for (int r = 0; r < s_->world_size; ++r) {
-      const float* p = static_cast<const float*>(s_->ptrs[r]);
-      std::copy(p, p + count, recv + r * count);
-    }
-    return s_->Wait();
+    return Gather("AllGather", send, count, recv, /*to_all=*/true);
   }
 
-  // As AllGather, but only rank 0 reads the others' buffers.
   Status GatherTo0(const float* send, int64_t count, float* recv) override {
-    if (count < 0) return InvalidArgument("GatherTo0: count = {} is negative", count);
-    s_->ptrs[rank_] = send;
-    s_->sizes[rank_] = count;
-    QILIN_RETURN_IF_ERROR(s_->Wait());
-    QILIN_RETURN_IF_ERROR(s_->CheckSizes("GatherTo0"));
-    if (rank_ == 0) {
-      for (int r = 0; r < s_->world_size; ++r) {
-        const float* p = static_cast<const float*>(s_->ptrs[r]);
-        std::copy(p, p + count, recv + r * count);
-      }
-    }
-    return s_->Wait();
+    return Gather("GatherTo0", send, count, recv, /*to_all=*/false);
   }
 
   Status Broadcast(void* data, int64_t bytes, int root) override {
@@ -169,6 +148,22 @@ class InProcessComm : public Communicator {
   void Abort(const std::string& why) override { s_->Abort(fmt::format("rank {}: {}", rank_, why)); }
 
  private:
+  // Every rank's buffer copied in rank order into `recv` on every rank (to_all) or rank 0 only.
+  Status Gather(const char* op, const float* send, int64_t count, float* recv, bool to_all) {
+    if (count < 0) return InvalidArgument("{}: count = {} is negative", op, count);
+    s_->ptrs[rank_] = send;
+    s_->sizes[rank_] = count;
+    QILIN_RETURN_IF_ERROR(s_->Wait());
+    QILIN_RETURN_IF_ERROR(s_->CheckSizes(op));
+    if (to_all || rank_ == 0) {
+      for (int r = 0; r < s_->world_size; ++r) {
+        const float* p = static_cast<const float*>(s_->ptrs[r]);
+        std::copy(p, p + count, recv + r * count);
+      }
+    }
+    return s_->Wait();
+  }
+
   std::shared_ptr<InProcessCommGroup::State> s_;
   int rank_;
 };

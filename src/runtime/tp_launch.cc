@@ -57,6 +57,16 @@ Result<ModelWeights> MakeWeights(const ModelConfig& config, const TpModelSource&
   return LoadModelWeights(config, source.model_dir);
 }
 
+// The GPU of an mpirun-started rank on `device`: its local rank over the visible GPUs.
+int MpiCudaDevice(const std::string& device, const MpiPlace& place) {
+#ifdef QILIN_HAVE_CUDA
+  if (device == "cuda") return place.local_rank % std::max(1, CudaDeviceCount());
+#endif
+  (void)device;
+  (void)place;
+  return 0;
+}
+
 // Rank 0's backend over a joined group of processes.
 Result<std::unique_ptr<Backend>> LeadGroup(const std::string& device, int cuda_device,
                                            const ModelConfig& config, const TpModelSource& source,
@@ -249,12 +259,8 @@ Result<std::unique_ptr<Backend>> LaunchTpBackend(const std::string& device_name,
   if (launch.mode == "mpi" && IsMpiFollower(launch)) {
     return FailedPrecondition("tensor parallel: rank > 0 of an mpi launch runs RunTpWorker");
   }
-  int cuda_device = 0;
-#ifdef QILIN_HAVE_CUDA
-  if (device == "cuda" && launch.mode == "mpi") {
-    cuda_device = MpiPlaceFromEnvironment()->local_rank % std::max(1, CudaDeviceCount());
-  }
-#endif
+  const int cuda_device =
+      launch.mode == "mpi" ? MpiCudaDevice(device, *MpiPlaceFromEnvironment()) : 0;
   QILIN_ASSIGN_OR_RETURN(std::unique_ptr<SocketCommListener> listener,
                          SocketCommListener::Listen(master));
   spdlog::info("tensor parallel: rank 0 of {} listening on {}:{} ({} ranks)", tp, master.host,
@@ -327,6 +333,19 @@ Result<std::unique_ptr<Backend>> LaunchTpBackend(const std::string& device_name,
   if (children.empty()) return lead;
   return std::unique_ptr<Backend>(
       new ProcessGroupBackend(std::move(lead).value(), std::move(children)));
+}
+
+Status RunMpiFollower(const std::string& device_name, const TpModelSource& source, int tp,
+                      const TpLaunchOptions& launch) {
+  const std::optional<MpiPlace> place = MpiPlaceFromEnvironment();
+  if (launch.mode != "mpi" || !place || place->rank == 0) {
+    return FailedPrecondition("tensor parallel: not a following rank of an mpi launch");
+  }
+  const std::string master = MasterOf(launch);
+  spdlog::info("tensor parallel: rank {} of {} (mpirun), following rank 0 at {}", place->rank,
+               place->world_size, master);
+  return RunTpWorker(device_name, MpiCudaDevice(ResolveDevice(device_name), *place), source, tp,
+                     place->rank, master, launch.join_timeout_s);
 }
 
 Status RunTpWorker(const std::string& device_name, int cuda_device, const TpModelSource& source,

@@ -65,6 +65,11 @@ Result<std::unique_ptr<Backend>> LaunchTpBackend(const std::string& device,
                                                  const TpModelSource& source, int tp,
                                                  const TpLaunchOptions& launch);
 
+// RunTpWorker for this process as a following rank of an mpi launch (IsMpiFollower): rank 0 at
+// --tp-master (or the mpi default), GPU (local rank mod visible GPUs) as rank 0 picks its own.
+Status RunMpiFollower(const std::string& device, const TpModelSource& source, int tp,
+                      const TpLaunchOptions& launch);
+
 // A following rank's whole life: join rank 0 at `master` as `rank` of `tp`, make this rank's
 // shard on `device` ("cpu" or "cuda", GPU `cuda_device`), then run rank 0's calls until it shuts
 // the group down (OK) or the group fails. SIGINT and SIGTERM are ignored from here on: the
