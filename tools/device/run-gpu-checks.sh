@@ -31,6 +31,17 @@ run() {  # name, timeout seconds, command...
   RES[$name]="rc=$rc $(( $(date +%s) - start ))s"
   echo "== $name: rc=$rc"; tail -n 25 "$OUT/$name.log"
 }
+# How many JSON lines' token_ids of two `qilin generate` logs agree: agree A B LABEL.
+agree() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import json, sys
+def rows(p):
+    return [json.loads(l)["token_ids"] for l in open(p) if l.startswith("{")]
+a, b = rows(sys.argv[1]), rows(sys.argv[2])
+same = sum(x == y for x, y in zip(a, b))
+print(f"{same}/{len(a)} requests identical {sys.argv[3]} (of {len(b)})")
+PY
+}
 if [ "$PART" != bench ]; then
 run tests 240 "$G/qilin_cuda_tests"
 if [ -n "$SAN" ]; then
@@ -59,29 +70,14 @@ run engine_batched 120 "$G/qilin" generate --device cuda --model "$G/fixtures/go
 cp "$OUT/engine_batched.log" "$OUT/engine_batched.out"
 run engine_alone 120 "$G/qilin" generate --device cuda --model "$G/fixtures/golden/qwen2" \
   --prompts-jsonl "$OUT/engine_prompts.jsonl" --ignore-eos --max-batch-size 1 --block-size 8
-RES[engine_agree]="$(python3 - "$OUT/engine_batched.log" "$OUT/engine_alone.log" <<'PY'
-import json, sys
-def rows(p):
-    return [json.loads(l)["token_ids"] for l in open(p) if l.startswith("{")]
-a, b = rows(sys.argv[1]), rows(sys.argv[2])
-same = sum(x == y for x, y in zip(a, b))
-print(f"{same}/{len(a)} requests identical batched vs alone (of {len(b)})")
-PY
-)"
+RES[engine_agree]="$(agree "$OUT/engine_batched.log" "$OUT/engine_alone.log" "batched vs alone")"
 # Tensor parallelism with ranks as processes on this GPU (both ranks share it: staged collectives
 # over the TCP group), against the batched run above.
 run engine_tp2_process 180 "$G/qilin" generate --device cuda --model "$G/fixtures/golden/qwen2" \
   --prompts-jsonl "$OUT/engine_prompts.jsonl" --ignore-eos --max-num-tokens 64 --block-size 8 \
   --tp 2 --tp-launch process
-RES[tp2_process_agree]="$(python3 - "$OUT/engine_batched.out" "$OUT/engine_tp2_process.log" <<'PY'
-import json, sys
-def rows(p):
-    return [json.loads(l)["token_ids"] for l in open(p) if l.startswith("{")]
-a, b = rows(sys.argv[1]), rows(sys.argv[2])
-same = sum(x == y for x, y in zip(a, b))
-print(f"{same}/{len(a)} requests identical tp 2 (processes) vs tp 1 (of {len(b)})")
-PY
-)"
+RES[tp2_process_agree]="$(agree "$OUT/engine_batched.out" "$OUT/engine_tp2_process.log" \
+  "tp 2 (processes) vs tp 1")"
 fi
 if [ "$PART" != checks ]; then
 if [ -x "$G/qilin_bench_tokenizer" ] && [ -z "${QILIN_SKIP_TOKENIZER:-}" ]; then
