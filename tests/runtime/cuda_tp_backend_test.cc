@@ -25,6 +25,7 @@
 #include "runtime/greedy_generate.h"
 #include "runtime/socket_comm.h"
 #include "runtime/tp_factory.h"
+#include "socket_group.h"
 
 namespace qilin {
 namespace {
@@ -283,16 +284,11 @@ TEST(CudaTpBackendTest, ProcessGroupRanksMatchThreadRanks) {
   ASSERT_TRUE(threads);
   CudaTpOptions o;
   o.force_staged = true;
-  auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
-  ASSERT_TRUE(listener.ok());
+  auto comms = SocketGroup(2);
+  ASSERT_EQ(comms.size(), 2u);
   Status followed;
-  std::thread follower([&] {
-    auto comm = ConnectSocketComm({"127.0.0.1", (*listener)->port()}, 1, 2, 10);
-    followed = comm.ok() ? CudaTpBackend::Follow(c, *w, std::move(*comm), 0, o) : comm.status();
-  });
-  auto comm = (*listener)->Accept(2, 10);
-  ASSERT_TRUE(comm.ok()) << comm.status().ToString();
-  auto leader = CudaTpBackend::CreateLeader(c, *w, std::move(*comm), 0, o);
+  std::thread follower([&] { followed = CudaTpBackend::Follow(c, *w, std::move(comms[1]), 0, o); });
+  auto leader = CudaTpBackend::CreateLeader(c, *w, std::move(comms[0]), 0, o);
   ASSERT_TRUE(leader.ok()) << leader.status().ToString();
   EXPECT_EQ((*leader)->tp(), 2);
   EXPECT_EQ((*leader)->collectives(), "staged");

@@ -15,35 +15,10 @@
 #include "runtime/comm.h"
 #include "runtime/comm_batch.h"
 #include "runtime/socket_comm.h"
+#include "socket_group.h"
 
 namespace qilin {
 namespace {
-
-// `n` ranks joined over TCP on 127.0.0.1 (a free port), as processes join.
-std::vector<std::unique_ptr<Communicator>> SocketGroup(int n) {
-  std::vector<std::unique_ptr<Communicator>> comms(n);
-  auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
-  EXPECT_TRUE(listener.ok()) << listener.status().ToString();
-  if (!listener.ok()) return {};
-  const int port = (*listener)->port();
-  std::vector<std::thread> joins;
-  for (int r = 1; r < n; ++r) {
-    joins.emplace_back([&, r] {
-      auto c = ConnectSocketComm({"127.0.0.1", port}, r, n, 10);
-      EXPECT_TRUE(c.ok()) << c.status().ToString();
-      if (c.ok()) comms[r] = std::move(*c);
-    });
-  }
-  if (n == 1) {
-    comms[0] = std::move((*listener)->Accept(1, 1).value());
-  } else {
-    auto c = (*listener)->Accept(n, 10);
-    EXPECT_TRUE(c.ok()) << c.status().ToString();
-    if (c.ok()) comms[0] = std::move(*c);
-  }
-  for (auto& t : joins) t.join();
-  return comms;
-}
 
 // Runs body(rank, comm) on `n` threads, one per rank, over a group of `kind`.
 void RunRanks(const std::string& kind, int n, const std::function<void(int, Communicator&)>& body) {

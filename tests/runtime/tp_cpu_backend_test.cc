@@ -26,6 +26,7 @@
 #include "runtime/tp_cpu_backend.h"
 #include "runtime/tp_driver.h"
 #include "runtime/tp_factory.h"
+#include "socket_group.h"
 
 namespace qilin {
 namespace {
@@ -253,19 +254,15 @@ TEST(TpCpuBackendTest, RanksOverSocketsEqualRanksAsThreadsBitForBit) {
     auto threads = TpCpuBackend::Create(c, *w, tp);
     ASSERT_TRUE(threads.ok()) << threads.status().ToString();
 
-    auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
-    ASSERT_TRUE(listener.ok());
+    auto comms = SocketGroup(tp);
+    ASSERT_EQ(static_cast<int>(comms.size()), tp);
     std::vector<Status> followed(tp);
     std::vector<std::thread> followers;
     for (int r = 1; r < tp; ++r) {
-      followers.emplace_back([&, r] {
-        auto comm = ConnectSocketComm({"127.0.0.1", (*listener)->port()}, r, tp, 10);
-        followed[r] = comm.ok() ? TpCpuBackend::Follow(c, *w, std::move(*comm)) : comm.status();
-      });
+      followers.emplace_back(
+          [&, r] { followed[r] = TpCpuBackend::Follow(c, *w, std::move(comms[r])); });
     }
-    auto comm = (*listener)->Accept(tp, 10);
-    ASSERT_TRUE(comm.ok()) << comm.status().ToString();
-    auto leader = TpCpuBackend::CreateLeader(c, *w, std::move(*comm));
+    auto leader = TpCpuBackend::CreateLeader(c, *w, std::move(comms[0]));
     ASSERT_TRUE(leader.ok()) << leader.status().ToString();
     EXPECT_EQ((*leader)->tp(), tp);
     EXPECT_EQ((*leader)->KvBytesPerToken(), (*threads)->KvBytesPerToken());
@@ -294,18 +291,15 @@ TEST(TpCpuBackendTest, AFollowerThatCannotMakeItsShardFailsTheLeaderWithItsError
   const ModelConfig c = GoldenConfig("qwen2");
   auto w = LoadModelWeights(c, GoldenDir() / "qwen2");
   ASSERT_TRUE(w.ok());
-  auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
-  ASSERT_TRUE(listener.ok());
+  auto comms = SocketGroup(2);
+  ASSERT_EQ(comms.size(), 2u);
   Status followed;
   std::thread follower([&] {
-    auto comm = ConnectSocketComm({"127.0.0.1", (*listener)->port()}, 1, 2, 10);
     ModelWeights missing = *w;
     missing.layers[1].down_proj = TensorView{};  // as a checkpoint without the tensor
-    followed = comm.ok() ? TpCpuBackend::Follow(c, missing, std::move(*comm)) : comm.status();
+    followed = TpCpuBackend::Follow(c, missing, std::move(comms[1]));
   });
-  auto comm = (*listener)->Accept(2, 10);
-  ASSERT_TRUE(comm.ok());
-  auto leader = TpCpuBackend::CreateLeader(c, *w, std::move(*comm));
+  auto leader = TpCpuBackend::CreateLeader(c, *w, std::move(comms[0]));
   follower.join();
   ASSERT_FALSE(leader.ok());
   EXPECT_NE(leader.status().message().find("tensor parallel rank 1"), std::string::npos)
@@ -319,19 +313,15 @@ TEST(TpCpuBackendTest, AFollowerWithAnotherModelIsRefused) {
   const ModelConfig c = GoldenConfig("qwen2");
   auto w = LoadModelWeights(c, GoldenDir() / "qwen2");
   ASSERT_TRUE(w.ok());
-  auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
-  ASSERT_TRUE(listener.ok());
+  auto comms = SocketGroup(2);
+  ASSERT_EQ(comms.size(), 2u);
   Status followed;
   std::thread follower([&] {
-    auto comm = ConnectSocketComm({"127.0.0.1", (*listener)->port()}, 1, 2, 10);
-    ASSERT_TRUE(comm.ok());
     ModelConfig other = c;
     other.num_layers += 1;
-    followed = TpCpuBackend::Follow(other, *w, std::move(*comm));
+    followed = TpCpuBackend::Follow(other, *w, std::move(comms[1]));
   });
-  auto comm = (*listener)->Accept(2, 10);
-  ASSERT_TRUE(comm.ok());
-  auto leader = TpCpuBackend::CreateLeader(c, *w, std::move(*comm));
+  auto leader = TpCpuBackend::CreateLeader(c, *w, std::move(comms[0]));
   follower.join();
   ASSERT_FALSE(leader.ok());
   EXPECT_NE(leader.status().message().find(
@@ -347,18 +337,15 @@ TEST(TpCpuBackendTest, ALostFollowerFailsTheNextCallAndHealth) {
   const ModelConfig c = GoldenConfig("qwen2");
   auto w = LoadModelWeights(c, GoldenDir() / "qwen2");
   ASSERT_TRUE(w.ok());
-  auto listener = SocketCommListener::Listen({"127.0.0.1", 0});
-  ASSERT_TRUE(listener.ok());
+  auto comms = SocketGroup(2);
+  ASSERT_EQ(comms.size(), 2u);
   std::thread follower([&] {
-    auto comm = ConnectSocketComm({"127.0.0.1", (*listener)->port()}, 1, 2, 10);
-    ASSERT_TRUE(comm.ok());
+    std::unique_ptr<Communicator> comm = std::move(comms[1]);
     // As Follow does once its shard is made; then the process is gone.
-    EXPECT_TRUE(TpCheckSameModel(**comm, c).ok());
-    EXPECT_TRUE(TpExchangeStatus(**comm, Status::Ok()).ok());
+    EXPECT_TRUE(TpCheckSameModel(*comm, c).ok());
+    EXPECT_TRUE(TpExchangeStatus(*comm, Status::Ok()).ok());
   });
-  auto comm = (*listener)->Accept(2, 10);
-  ASSERT_TRUE(comm.ok());
-  auto leader = TpCpuBackend::CreateLeader(c, *w, std::move(*comm));
+  auto leader = TpCpuBackend::CreateLeader(c, *w, std::move(comms[0]));
   follower.join();
   ASSERT_TRUE(leader.ok()) << leader.status().ToString();
   EXPECT_TRUE((*leader)->Health().ok());
