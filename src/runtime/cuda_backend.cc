@@ -472,14 +472,7 @@ Status CudaBackend::SetDecodeAttentionMma(bool on) {
 }
 
 Status CudaBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
-  for (const auto& [src, dst] : src_dst) {
-    for (int32_t b : {src, dst}) {
-      if (b < 0 || b >= layout_.num_blocks) {
-        return InvalidArgument("CopyKvBlocks: block {} is outside the pool of {} blocks", b,
-                               layout_.num_blocks);
-      }
-    }
-  }
+  QILIN_RETURN_IF_ERROR(ValidateBlockPairs(src_dst, layout_));
   if (src_dst.empty()) return Status::Ok();
   const int64_t block_elems = static_cast<int64_t>(layout_.block_size) * config_.kv_size();
   for (const auto& [src, dst] : src_dst) {

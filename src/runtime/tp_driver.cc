@@ -178,14 +178,7 @@ Status TpLeaderBackend::AllocateKvCache(const KvCacheLayout& layout) {
 }
 
 Status TpLeaderBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
-  for (const auto& [src, dst] : src_dst) {
-    for (int32_t blk : {src, dst}) {
-      if (blk < 0 || blk >= layout_.num_blocks) {
-        return InvalidArgument("CopyKvBlocks: block {} is outside the pool of {} blocks", blk,
-                               layout_.num_blocks);
-      }
-    }
-  }
+  QILIN_RETURN_IF_ERROR(ValidateBlockPairs(src_dst, layout_));
   if (src_dst.empty()) return Status::Ok();
   return health_.Note(TpLead(*lead_comm_, *lead_worker_, TpOp::kCopyKv, 0, 0, nullptr, &src_dst));
 }

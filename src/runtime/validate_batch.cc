@@ -108,6 +108,19 @@ Status ValidateForwardBatch(const ForwardBatch& b, const ModelConfig& config,
   return Status::Ok();
 }
 
+Status ValidateBlockPairs(const std::vector<std::pair<int32_t, int32_t>>& src_dst,
+                          const KvCacheLayout& layout) {
+  for (const auto& [src, dst] : src_dst) {
+    for (int32_t b : {src, dst}) {
+      if (b < 0 || b >= layout.num_blocks) {
+        return InvalidArgument("CopyKvBlocks: block {} is outside the pool of {} blocks", b,
+                               layout.num_blocks);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
 Status ValidateKvProposal(int32_t block_size, double memory_fraction, int32_t max_num_tokens) {
   if (block_size <= 0) return InvalidArgument("block_size = {} must be positive", block_size);
   if (!(memory_fraction > 0.0 && memory_fraction <= 1.0)) {

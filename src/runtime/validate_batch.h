@@ -3,6 +3,10 @@
 // table, token ids against the vocabulary, logits indices against the tokens.
 #pragma once
 
+#include <cstdint>
+#include <utility>
+#include <vector>
+
 #include "common/status.h"
 #include "model/config.h"
 #include "runtime/backend.h"
@@ -14,6 +18,10 @@ namespace qilin {
 // The same rules as CpuBackend::ValidateBatch.
 Status ValidateForwardBatch(const ForwardBatch& batch, const ModelConfig& config,
                             const KvCacheLayout& layout);
+
+// Backend::CopyKvBlocks' pairs: InvalidArgument naming the first block outside the pool.
+Status ValidateBlockPairs(const std::vector<std::pair<int32_t, int32_t>>& src_dst,
+                          const KvCacheLayout& layout);
 
 // The arguments of Backend::ProposeNumKvBlocks: InvalidArgument naming the one that is not
 // positive (block_size, max_num_tokens) or not in (0, 1] (memory_fraction).
