@@ -256,8 +256,8 @@ Result<std::unique_ptr<Backend>> LaunchTpBackend(const std::string& device_name,
   }
   QILIN_RETURN_IF_ERROR(CheckTpDevice(device, config, tp));
   QILIN_ASSIGN_OR_RETURN(SocketAddress master, ParseSocketAddress(MasterOf(launch), "--tp-master"));
-  if (launch.mode == "mpi" && IsMpiFollower(launch)) {
-    return FailedPrecondition("tensor parallel: rank > 0 of an mpi launch runs RunTpWorker");
+  if (IsMpiFollower(launch)) {
+    return FailedPrecondition("tensor parallel: rank > 0 of an mpi launch runs RunMpiFollower");
   }
   const int cuda_device =
       launch.mode == "mpi" ? MpiCudaDevice(device, *MpiPlaceFromEnvironment()) : 0;
