@@ -6,10 +6,12 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include <gtest/gtest.h>
 
+#include "kernels/cuda/pdl.cuh"
 #include "runtime/cpu_backend.h"
 
 namespace qilin {
@@ -139,6 +141,64 @@ TEST(CudaBackend, MatchesCpuHeadDim128QkNorm) {
 TEST(CudaBackend, MatchesCpuHeadDim24DecodeKernelOnly) {
   SKIP_WITHOUT_GPU();
   RunMixedBatches(SmallConfig(24, false));
+}
+
+// Programmatic dependent launch lets each kernel start before the previous one ends; the results
+// must not change. Two backends on the same weights, one launching with PDL and one without,
+// step for step through prefill, eager decode and graph decode: bit-identical logits. The shape
+// is large enough that the skinny GEMMs run several waves of blocks per kernel.
+TEST(CudaBackend, PdlLaunchesGiveIdenticalLogits) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig config = SmallConfig(128, false);
+  config.hidden_size = 1024;
+  config.intermediate_size = 2816;
+  config.num_layers = 4;
+  config.num_heads = 8;
+  config.num_kv_heads = 2;
+  config.vocab_size = 5003;
+  auto weights = MakeDummyWeights(config, DType::kBF16, 11, 0.05f, 0.1f);
+  ASSERT_TRUE(weights.ok()) << weights.status().ToString();
+  auto on = CudaBackend::Create(config, *weights);
+  auto off = CudaBackend::Create(config, std::move(weights).value());
+  ASSERT_TRUE(on.ok() && off.ok());
+  const int32_t bs = 16;
+  ASSERT_TRUE((*on)->AllocateKvCache({64, bs}).ok());
+  ASSERT_TRUE((*off)->AllocateKvCache({64, bs}).ok());
+  std::mt19937 rng(3);
+  std::vector<Seq> seqs(3);
+  for (size_t i = 0; i < seqs.size(); ++i)
+    for (size_t j = 0; j < 20 + 37 * i; ++j)
+      seqs[i].tokens.push_back(static_cast<int32_t>(rng() % config.vocab_size));
+  int32_t next = 0;
+  std::vector<int32_t> take;
+  for (const Seq& q : seqs) take.push_back(static_cast<int32_t>(q.tokens.size()));
+  for (int step = 0; step < 8; ++step) {
+    ForwardBatch batch = Pack({&seqs[0], &seqs[1], &seqs[2]}, take, bs, &next);
+    std::vector<float> lon, loff;
+    cuda::SetPdlOverride(1);
+    Status s1 = (*on)->Forward(batch, &lon);
+    cuda::SetPdlOverride(0);
+    Status s2 = (*off)->Forward(batch, &loff);
+    cuda::SetPdlOverride(-1);
+    ASSERT_TRUE(s1.ok()) << s1.ToString();
+    ASSERT_TRUE(s2.ok()) << s2.ToString();
+    ASSERT_EQ(lon.size(), loff.size());
+    EXPECT_EQ(std::memcmp(lon.data(), loff.data(), lon.size() * sizeof(float)), 0)
+        << "step " << step << " (max |diff| " <<
+        [&] {
+          float d = 0;
+          for (size_t i = 0; i < lon.size(); ++i) d = std::max(d, std::fabs(lon[i] - loff[i]));
+          return d;
+        }()
+        << ")";
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const float* row = loff.data() + i * config.vocab_size;
+      seqs[i].tokens.push_back(
+          static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
+    }
+    take.assign(seqs.size(), 1);
+  }
+  EXPECT_GE((*on)->NumGraphs(), 1);
 }
 
 TEST(CudaBackend, KvSizingAndErrors) {

@@ -85,6 +85,9 @@ if [ -x "$G/qilin_bench_tokenizer" ] && [ -z "${QILIN_SKIP_TOKENIZER:-}" ]; then
   run tok_reference 300 python3 "$G/bench_reference.py" --data "$G/tokenizer" --corpus "$G/tok_corpus.txt"
 fi
 run bench 300 "$G/qilin_bench_cuda_decode" --model "$G/configs/qwen2.5-7b"
+# The same decode and 128/128 figures without programmatic dependent launch (QILIN_PDL=0).
+run bench_nopdl 150 env QILIN_PDL=0 "$G/qilin_bench_cuda_decode" --model "$G/configs/qwen2.5-7b" \
+  --profile 0 --long 0
 if [ -f "$G/torch_baseline.py" ]; then run torch 200 python3 "$G/torch_baseline.py" "$G/configs/qwen2.5-7b"; fi
 fi
 # Tensor parallelism over GPUs (issue 8), only where 2+ GPUs are visible: the TP and NCCL tests,
@@ -115,6 +118,8 @@ grep -h "cuda golden" "$OUT/tests.log" 2>/dev/null
 for k in "${!RES[@]}"; do printf '%-10s %s\n' "$k" "${RES[$k]}"; done
 tail -n 2 "$OUT/generate.log" 2>/dev/null
 sed -n '/== qilin CUDA backend/,$p' "$OUT/bench.log" 2>/dev/null
+echo "-- without PDL (QILIN_PDL=0):"
+grep -E "batch-1 decode|64 x" "$OUT/bench_nopdl.log" 2>/dev/null
 tail -n 8 "$OUT/torch.log" 2>/dev/null
 cat "$OUT/tp_summary.txt" 2>/dev/null
 echo "== tokenizer"; tail -n 12 "$OUT/tok_qilin.log" 2>/dev/null; tail -n 12 "$OUT/tok_reference.log" 2>/dev/null

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/pdl.cuh"
 
 namespace qilin::cuda {
 namespace {
@@ -37,6 +38,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     DecodeKernel(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, AttnBatch b,
                  const int32_t* tokens, int num_heads, int num_kv_heads, int head_dim, float scale,
                  float* partial, bf16_t* out) {
+  PdlLaunchDependents();
+  PdlWait();
   extern __shared__ float smem[];
   const int idx = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const int32_t t = tokens[idx];
@@ -186,6 +189,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
 // Block (token, head): merges the splits' (max, sum, unnormalised output).
 __global__ void CombineKernel(const int32_t* tokens, const int32_t* positions, int num_heads,
                               int head_dim, const float* partial, bf16_t* out) {
+  PdlLaunchDependents();
+  PdlWait();
   const int idx = blockIdx.x, h = blockIdx.y;
   const int32_t t = tokens[idx];
   const int32_t ctx = positions[t] + 1;
@@ -551,6 +556,8 @@ __global__ void __launch_bounds__(kDecMmaWarps * 32)
     DecodeMmaKernel(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, AttnBatch b,
                     const int32_t* tokens, int num_heads, int num_kv_heads, float scale_log2,
                     float* partial, bf16_t* out) {
+  PdlLaunchDependents();
+  PdlWait();
   extern __shared__ __align__(16) unsigned char dec_smem[];
   using Row = bf16_t[D + kPad];
   Row* k_s = reinterpret_cast<Row*>(dec_smem);  // [2][kDecMmaTile]
@@ -764,15 +771,14 @@ cudaError_t PagedAttentionDecode(const bf16_t* q, const bf16_t* k_cache, const b
                       kDecodeTile * (head_dim + 2) * sizeof(bf16_t) +
                       kDecodeTile * head_dim * sizeof(bf16_t);
   dim3 grid(count, static_cast<unsigned>(num_kv_heads), splits);
-  DecodeKernel<<<grid, kDecodeWarps * 32, smem, stream>>>(
-      q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
-      static_cast<int>(num_kv_heads), static_cast<int>(head_dim), scale, partial, out);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err =
+      LaunchPdl(DecodeKernel, grid, dim3(kDecodeWarps * 32), smem, stream, q, k_cache, v_cache,
+                batch, tokens, static_cast<int>(num_heads), static_cast<int>(num_kv_heads),
+                static_cast<int>(head_dim), scale, partial, out);
   if (err != cudaSuccess || splits == 1) return err;
-  CombineKernel<<<dim3(count, static_cast<unsigned>(num_heads)), 64, 0, stream>>>(
-      tokens, batch.positions, static_cast<int>(num_heads), static_cast<int>(head_dim), partial,
-      out);
-  return cudaGetLastError();
+  return LaunchPdl(CombineKernel, dim3(count, static_cast<unsigned>(num_heads)), dim3(64), 0,
+                   stream, tokens, batch.positions, static_cast<int>(num_heads),
+                   static_cast<int>(head_dim), partial, out);
 }
 
 bool DecodeMmaSupported(int64_t head_dim, int64_t num_heads, int64_t num_kv_heads) {
@@ -790,29 +796,28 @@ cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, cons
   const int splits = max_splits < 1 ? 1 : (max_splits > kMaxSplits ? kMaxSplits : max_splits);
   const float scale_log2 = scale * 1.4426950408889634f;
   dim3 grid(count, static_cast<unsigned>(num_kv_heads), splits);
+  cudaError_t err = cudaSuccess;
   if (head_dim == 64) {
     static const cudaError_t attr =
         cudaFuncSetAttribute(DecodeMmaKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(DecodeMmaSmemBytes<64>()));
     if (attr != cudaSuccess) return attr;
-    DecodeMmaKernel<64><<<grid, kDecMmaWarps * 32, DecodeMmaSmemBytes<64>(), stream>>>(
-        q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
-        static_cast<int>(num_kv_heads), scale_log2, partial, out);
+    err = LaunchPdl(DecodeMmaKernel<64>, grid, dim3(kDecMmaWarps * 32), DecodeMmaSmemBytes<64>(),
+                    stream, q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
+                    static_cast<int>(num_kv_heads), scale_log2, partial, out);
   } else {
     static const cudaError_t attr =
         cudaFuncSetAttribute(DecodeMmaKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(DecodeMmaSmemBytes<128>()));
     if (attr != cudaSuccess) return attr;
-    DecodeMmaKernel<128><<<grid, kDecMmaWarps * 32, DecodeMmaSmemBytes<128>(), stream>>>(
-        q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
-        static_cast<int>(num_kv_heads), scale_log2, partial, out);
+    err = LaunchPdl(DecodeMmaKernel<128>, grid, dim3(kDecMmaWarps * 32), DecodeMmaSmemBytes<128>(),
+                    stream, q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
+                    static_cast<int>(num_kv_heads), scale_log2, partial, out);
   }
-  cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
-  CombineKernel<<<dim3(count, static_cast<unsigned>(num_heads)), 64, 0, stream>>>(
-      tokens, batch.positions, static_cast<int>(num_heads), static_cast<int>(head_dim), partial,
-      out);
-  return cudaGetLastError();
+  return LaunchPdl(CombineKernel, dim3(count, static_cast<unsigned>(num_heads)), dim3(64), 0,
+                   stream, tokens, batch.positions, static_cast<int>(num_heads),
+                   static_cast<int>(head_dim), partial, out);
 }
 
 bool PrefillSupported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/pdl.cuh"
 
 namespace qilin::cuda {
 namespace {
@@ -34,6 +35,8 @@ __device__ float BlockSum(float v) {
 
 // One block per row: reads dim * 2 bytes, writes dim * 4.
 __global__ void EmbeddingKernel(const bf16_t* table, int64_t dim, const int32_t* ids, float* x) {
+  PdlLaunchDependents();
+  PdlWait();
   const int64_t row = blockIdx.x;
   const int64_t src = static_cast<int64_t>(ids[row]) * dim;
   for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) x[row * dim + j] = Ld(table, src + j);
@@ -42,6 +45,8 @@ __global__ void EmbeddingKernel(const bf16_t* table, int64_t dim, const int32_t*
 // One block per row: reads x (4 B) and y (2 B), writes x (4 B) and out (2 B) per element.
 __global__ void AddRmsNormKernel(float* x, const float* y, const int32_t* rows, int64_t dim,
                                  const bf16_t* w, float eps, bf16_t* out) {
+  PdlLaunchDependents();
+  PdlWait();
   const int64_t r = blockIdx.x;
   float* xr = x + (rows ? static_cast<int64_t>(rows[r]) : r) * dim;
   float ss = 0.0f;
@@ -124,6 +129,8 @@ __global__ void RopeWriteKvKernel(const float* qkv, int64_t num_heads, int64_t n
                                   int64_t head_dim, const bf16_t* q_norm, const bf16_t* k_norm,
                                   float eps, RopeArgs rope, const int64_t* slot_mapping,
                                   bf16_t* q_out, bf16_t* k_cache, bf16_t* v_cache) {
+  PdlLaunchDependents();
+  PdlWait();
   const int64_t t = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int64_t row = (num_heads + 2 * num_kv_heads) * head_dim;
@@ -213,16 +220,16 @@ int GridFor(int64_t total, int threads) {
 cudaError_t EmbeddingGather(const bf16_t* table, int64_t dim, const int32_t* ids, int64_t n,
                             float* x, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  EmbeddingKernel<<<n, 256, 0, stream>>>(table, dim, ids, x);
-  return cudaGetLastError();
+  return LaunchPdl(EmbeddingKernel, dim3(static_cast<unsigned>(n)), dim3(256), 0, stream, table,
+                   dim, ids, x);
 }
 
 cudaError_t AddRmsNorm(float* x, const float* y, const int32_t* rows, int64_t n, int64_t dim,
                        const bf16_t* w, float eps, bf16_t* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int threads = dim >= 4096 ? 1024 : dim >= 1024 ? 512 : 128;
-  AddRmsNormKernel<<<n, threads, 0, stream>>>(x, y, rows, dim, w, eps, out);
-  return cudaGetLastError();
+  return LaunchPdl(AddRmsNormKernel, dim3(static_cast<unsigned>(n)), dim3(threads), 0, stream, x, y,
+                   rows, dim, w, eps, out);
 }
 
 cudaError_t SiluMul(const float* gu, int64_t n, int64_t inter, bf16_t* out, cudaStream_t stream) {
@@ -256,9 +263,9 @@ cudaError_t RopeWriteKv(const float* qkv, int64_t n, int64_t num_heads, int64_t 
                         const RopeArgs& rope, const int64_t* slot_mapping, bf16_t* q_out,
                         bf16_t* k_cache, bf16_t* v_cache, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  RopeWriteKvKernel<<<n, 256, 0, stream>>>(qkv, num_heads, num_kv_heads, head_dim, q_norm, k_norm,
-                                           eps, rope, slot_mapping, q_out, k_cache, v_cache);
-  return cudaGetLastError();
+  return LaunchPdl(RopeWriteKvKernel, dim3(static_cast<unsigned>(n)), dim3(256), 0, stream, qkv,
+                   num_heads, num_kv_heads, head_dim, q_norm, k_norm, eps, rope, slot_mapping,
+                   q_out, k_cache, v_cache);
 }
 
 cudaError_t FillRandomBf16(bf16_t* dst, int64_t n, uint64_t seed, float mean, float stdev,

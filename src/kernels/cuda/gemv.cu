@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/pdl.cuh"
 
 namespace qilin::cuda {
 namespace {
@@ -65,13 +66,8 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvParams p) {
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int t = 0; t < N; ++t) acc[r][t] = 0.0f;
-  int64_t c = lane;
-  for (; c + 32 * (kUnroll - 1) < chunks; c += 32 * kUnroll) {
-    uint4 wv[R][kUnroll];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) wv[r][u] = LoadStream(wr[r] + c + 32 * u);
+  // One full step of kUnroll loads per lane and weight row, the dots of all N tokens.
+  auto dots = [&](const uint4(&wv)[R][kUnroll], int64_t c) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
@@ -81,6 +77,30 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvParams p) {
         for (int r = 0; r < R; ++r) acc[r][t] = Dot8(wv[r][u], xv, acc[r][t]);
       }
     }
+  };
+  auto load = [&](uint4(&wv)[R][kUnroll], int64_t c) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) wv[r][u] = LoadStream(wr[r] + c + 32 * u);
+  };
+  int64_t c = lane;
+  // The first step's weights are in flight before waiting for the kernel that writes x (PDL).
+  if (c + 32 * (kUnroll - 1) < chunks) {
+    uint4 wv[R][kUnroll];
+    load(wv, c);
+    PdlLaunchDependents();
+    PdlWait();
+    dots(wv, c);
+    c += 32 * kUnroll;
+  } else {
+    PdlLaunchDependents();
+    PdlWait();
+  }
+  for (; c + 32 * (kUnroll - 1) < chunks; c += 32 * kUnroll) {
+    uint4 wv[R][kUnroll];
+    load(wv, c);
+    dots(wv, c);
   }
   for (; c < chunks; c += 32) {
     uint4 wv[R];
@@ -119,10 +139,9 @@ template <bool kSwiGlu>
 cudaError_t LaunchGemv(int64_t n, const GemvParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.rows + kWarps - 1) / kWarps));
   switch (n) {
-#define QILIN_GEMV_CASE(N)                                       \
-  case N:                                                        \
-    GemvKernel<N, kSwiGlu><<<grid, kWarps * 32, 0, stream>>>(p); \
-    break;
+#define QILIN_GEMV_CASE(N) \
+  case N:                  \
+    return LaunchPdl(GemvKernel<N, kSwiGlu>, grid, dim3(kWarps * 32), 0, stream, p);
     QILIN_GEMV_CASE(1)
     QILIN_GEMV_CASE(2)
     QILIN_GEMV_CASE(3)
@@ -135,7 +154,6 @@ cudaError_t LaunchGemv(int64_t n, const GemvParams& p, cudaStream_t stream) {
     default:
       return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 }  // namespace
