@@ -238,7 +238,7 @@ TEST(CudaOps, LinearThroughCublasLt) {
 TEST(CudaOps, GemvEveryTokenCount) {
   SKIP_WITHOUT_GPU();
   for (int64_t n = 1; n <= cuda::kGemvMaxRows; ++n) {
-    for (int64_t in : {8, 296, 2056}) {
+    for (int64_t in : {8, 296, 2056, 8200}) {
       for (bool with_bias : {false, true}) {
         for (bool f32 : {false, true}) {
           const int64_t out = 203;

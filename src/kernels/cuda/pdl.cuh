@@ -5,8 +5,9 @@
 //   - PdlWait() blocks until the previous kernel has finished and its writes are visible. Before
 //     it a kernel may only read what no earlier kernel of the step writes (weights), and must not
 //     write anything at all: the previous kernel may still be reading or writing it.
-// A decode step is ~250 kernels of a few microseconds each; with PDL each one's launch and its
-// first weight loads overlap the previous one's tail instead of following its last block.
+// The decode step's small kernels (embedding, norms, rope, decode attention and its combine) are
+// launched so; the skinny GEMMs are not (gemv.cu says why) but wait all the same. Measured on an
+// H200 (docs/performance.md): neutral at batch 1, within noise at batch 64.
 // QILIN_PDL=0 in the environment turns it off (A/B benchmarks); devices below sm_90 never use it.
 #pragma once
 
