@@ -86,7 +86,9 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(GemvParams p) {
       for (int u = 0; u < U; ++u) wv[r][u] = LoadStream(wr[r] + c + 32 * u);
   };
   int64_t c = lane;
-  // The first step's weights are in flight before waiting for the kernel that writes x (PDL).
+  // The first step's weights are loaded before waiting for the kernel that writes x: under a PDL
+  // launch they would overlap its tail; LaunchGemv launches plainly (see there), so the wait
+  // returns at once and the trigger only lets the next (PDL-launched) kernel be scheduled early.
   if (c + 32 * (U - 1) < chunks) {
     uint4 wv[R][U];
     load(wv, c);
