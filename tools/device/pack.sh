@@ -34,9 +34,12 @@ if [ -z "${QILIN_SKIP_TOKENIZER:-}" ]; then
 else
   rm -f "$DEST/qilin_bench_tokenizer"
 fi
-cp tools/device/run-gpu-checks.sh tools/device/serve-bench.sh tools/device/torch_baseline.py "$DEST/"
+cp tools/device/run-gpu-checks.sh tools/device/serve-bench.sh tools/device/torch_baseline.py \
+  tools/device/ab-bench.sh "$DEST/"
+# A baseline benchmark binary for tools/device/ab-bench.sh (e.g. main's, built before a change).
+if [ -n "${QILIN_AB_BASE:-}" ]; then cp "$QILIN_AB_BASE" "$DEST/base_bench"; fi
 # Debug info stays here: the working tree plus this must fit the device tool's 64 MiB.
-strip --strip-unneeded "$DEST"/qilin* "$DEST"/lib/*.so* 2>/dev/null || true
+strip --strip-unneeded "$DEST"/qilin* "$DEST"/base_bench "$DEST"/lib/*.so* 2>/dev/null || true
 du -sh "$DEST"
 # The working tree and the carry together must stay under the device tool's 64 MiB: carry the
 # gzip of the folder and unpack it there first:
