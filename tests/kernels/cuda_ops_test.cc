@@ -106,7 +106,9 @@ TEST(CudaOps, EmbeddingGather) {
 
 TEST(CudaOps, AddRmsNormAndRows) {
   SKIP_WITHOUT_GPU();
-  for (int64_t dim : {33, 1031, 4099}) {
+  // 33, 1031, 4099: the scalar kernel; 36, 1028, 3584, 16384: the float4 kernel with 1..4 float4
+  // per thread.
+  for (int64_t dim : {33, 1031, 4099, 36, 1028, 3584, 16384}) {
     const int64_t n = 7;
     auto x = RandF32(n * dim, 2.0f);
     auto y = RandF32(n * dim);

@@ -66,6 +66,72 @@ __global__ void AddRmsNormKernel(float* x, const float* y, const int32_t* rows, 
     St(out + r * dim, j, xr[j] * inv * Ld(w, j));
 }
 
+// The same for rows whose dim is a multiple of 4 (up to 16384): each thread holds V (1..4)
+// float4 of the row in registers, so the row is read once with every load in flight at once (the
+// loop above issues its loads one store apart: x and y may alias, so each iteration waits for
+// the last) and the norm weight is loaded before the PDL wait. blockDim.x * V * 4 >= dim.
+template <int V>
+__global__ void AddRmsNormVecKernel(float* x, const float* y, const int32_t* rows, int64_t dim,
+                                    const bf16_t* w, float eps, bf16_t* out) {
+  const int64_t r = blockIdx.x;
+  const int64_t q = dim / 4;  // float4 per row
+  float4 wv[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(v) * blockDim.x;
+    if (j < q) {
+      const uint2 wb = __ldg(reinterpret_cast<const uint2*>(w) + j);
+      wv[v] = make_float4(__uint_as_float(wb.x << 16), __uint_as_float(wb.x & 0xffff0000u),
+                          __uint_as_float(wb.y << 16), __uint_as_float(wb.y & 0xffff0000u));
+    }
+  }
+  PdlLaunchDependents();
+  PdlWait();
+  float4* xr = reinterpret_cast<float4*>(x + (rows ? static_cast<int64_t>(rows[r]) : r) * dim);
+  const float4* yr = y ? reinterpret_cast<const float4*>(y + r * dim) : nullptr;
+  float4 xv[V], yv[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(v) * blockDim.x;
+    if (j < q) {
+      xv[v] = xr[j];
+      yv[v] = yr ? yr[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+  }
+  float ss = 0.0f;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(v) * blockDim.x;
+    if (j < q) {
+      if (yr) {
+        xv[v].x += yv[v].x;
+        xv[v].y += yv[v].y;
+        xv[v].z += yv[v].z;
+        xv[v].w += yv[v].w;
+        xr[j] = xv[v];
+      }
+      ss += xv[v].x * xv[v].x + xv[v].y * xv[v].y + xv[v].z * xv[v].z + xv[v].w * xv[v].w;
+    }
+  }
+  ss = BlockSum(ss);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
+  uint2* o = reinterpret_cast<uint2*>(out + r * dim);
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const int64_t j = threadIdx.x + static_cast<int64_t>(v) * blockDim.x;
+    if (j < q) {
+      const __nv_bfloat162 lo =
+          __floats2bfloat162_rn(xv[v].x * inv * wv[v].x, xv[v].y * inv * wv[v].y);
+      const __nv_bfloat162 hi =
+          __floats2bfloat162_rn(xv[v].z * inv * wv[v].z, xv[v].w * inv * wv[v].w);
+      uint2 u;
+      u.x = *reinterpret_cast<const uint32_t*>(&lo);
+      u.y = *reinterpret_cast<const uint32_t*>(&hi);
+      o[j] = u;
+    }
+  }
+}
+
 __global__ void SiluMulKernel(const float* gu, int64_t n, int64_t inter, bf16_t* out) {
   const int64_t total = n * inter;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
@@ -227,6 +293,30 @@ cudaError_t EmbeddingGather(const bf16_t* table, int64_t dim, const int32_t* ids
 cudaError_t AddRmsNorm(float* x, const float* y, const int32_t* rows, int64_t n, int64_t dim,
                        const bf16_t* w, float eps, bf16_t* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y) |
+                         reinterpret_cast<uintptr_t>(out)) &
+                        15) == 0 &&
+                       (reinterpret_cast<uintptr_t>(w) & 7) == 0;
+  if (dim % 4 == 0 && dim <= 4 * 1024 * 4 && aligned) {
+    const int64_t q = dim / 4;
+    const int v = static_cast<int>((q + 1023) / 1024);  // float4 per thread: 1..4
+    const int t = static_cast<int>(((q + v - 1) / v + 31) / 32 * 32);
+    const dim3 grid(static_cast<unsigned>(n)), block(t);
+    switch (v) {
+      case 1:
+        return LaunchPdl(AddRmsNormVecKernel<1>, grid, block, 0, stream, x, y, rows, dim, w, eps,
+                         out);
+      case 2:
+        return LaunchPdl(AddRmsNormVecKernel<2>, grid, block, 0, stream, x, y, rows, dim, w, eps,
+                         out);
+      case 3:
+        return LaunchPdl(AddRmsNormVecKernel<3>, grid, block, 0, stream, x, y, rows, dim, w, eps,
+                         out);
+      default:
+        return LaunchPdl(AddRmsNormVecKernel<4>, grid, block, 0, stream, x, y, rows, dim, w, eps,
+                         out);
+    }
+  }
   const int threads = dim >= 4096 ? 1024 : dim >= 1024 ? 512 : 128;
   return LaunchPdl(AddRmsNormKernel, dim3(static_cast<unsigned>(n)), dim3(threads), 0, stream, x, y,
                    rows, dim, w, eps, out);
