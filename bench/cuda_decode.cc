@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -199,6 +200,41 @@ void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double 
     const auto* gub = reinterpret_cast<const cuda::bf16_t*>(gu);
     t = time([&](int) { Check(cuda::SiluMul(gub, n, inter, xb, st), "silu"); });
     row("silu*mul (bf16 in)", n, t, n * inter * 6.0, 0, bf16_step ? ps : 0);
+    // Rope + KV write: positions 0..n-1 of one sequence, slots 0..n-1 (of xa as the cache).
+    std::vector<int32_t> pos(n), table(n, 0);
+    std::vector<int64_t> slots(n);
+    for (int64_t i = 0; i < n; ++i) pos[i] = static_cast<int32_t>(i), slots[i] = i;
+    std::vector<float> inv_freq(c.head_dim / 2), attn_scale = {1.0f};
+    for (int64_t i = 0; i < c.head_dim / 2; ++i)
+      inv_freq[i] = static_cast<float>(std::pow(1e6, -2.0 * i / c.head_dim));
+    int32_t *d_pos, *d_table;
+    int64_t* d_slots;
+    float *d_inv, *d_scale;
+    Check(cudaMalloc(&d_pos, n * 4), "malloc");
+    Check(cudaMalloc(&d_table, n * 4), "malloc");
+    Check(cudaMalloc(&d_slots, n * 8), "malloc");
+    Check(cudaMalloc(&d_inv, inv_freq.size() * 4), "malloc");
+    Check(cudaMalloc(&d_scale, 4), "malloc");
+    cudaMemcpy(d_pos, pos.data(), n * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_table, table.data(), n * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_slots, slots.data(), n * 8, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_inv, inv_freq.data(), inv_freq.size() * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_scale, attn_scale.data(), 4, cudaMemcpyHostToDevice);
+    cuda::RopeArgs rope;
+    rope.inv_freq = d_inv;
+    rope.attn_scale = d_scale;
+    rope.table_of = d_table;
+    rope.positions = d_pos;
+    t = time([&](int) {
+      Check(cuda::RopeWriteKv(gu, n, c.num_heads, c.num_kv_heads, c.head_dim, nullptr, nullptr,
+                              1e-6f, rope, d_slots, xb, xa, xa + n * kvs, st),
+            "rope");
+    });
+    row("rope + KV write", n, t, n * qkv * (4.0 + 2), 0, ps);
+    for (void* p : {static_cast<void*>(d_pos), static_cast<void*>(d_table),
+                    static_cast<void*>(d_slots), static_cast<void*>(d_inv),
+                    static_cast<void*>(d_scale)})
+      cudaFree(p);
   }
   // Prefill GEMMs at n = 4096: f32 vs bf16 outputs.
   gemm.set_gemv_max_rows(0);

@@ -190,56 +190,68 @@ __global__ void SiluMulBf16Kernel(const bf16_t* gu, int64_t n, int64_t inter, bf
   }
 }
 
-// One block per token, one warp per head (q heads, then k heads, then v heads).
-__global__ void RopeWriteKvKernel(const float* qkv, int64_t num_heads, int64_t num_kv_heads,
-                                  int64_t head_dim, const bf16_t* q_norm, const bf16_t* k_norm,
-                                  float eps, RopeArgs rope, const int64_t* slot_mapping,
-                                  bf16_t* q_out, bf16_t* k_cache, bf16_t* v_cache) {
+// Grid (token, group of kRopeWarps heads), one warp per head (q heads, then k heads, then v
+// heads). The block first puts the token's cos/sin of every frequency (double sincos, as the CPU
+// reference) in shared memory, before the PDL wait: positions and rope tables are step inputs,
+// not outputs of the previous kernel. Then each warp rotates its head.
+constexpr int kRopeWarps = 8;
+__global__ void __launch_bounds__(kRopeWarps * 32)
+    RopeWriteKvKernel(const float* qkv, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                      const bf16_t* q_norm, const bf16_t* k_norm, float eps, RopeArgs rope,
+                      const int64_t* slot_mapping, bf16_t* q_out, bf16_t* k_cache,
+                      bf16_t* v_cache) {
+  extern __shared__ float rope_cs[];  // [half] cos, then [half] sin, both times attn_scale
   PdlLaunchDependents();
-  PdlWait();
   const int64_t t = blockIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int64_t half = head_dim / 2;
+  {
+    const int32_t table = rope.table_of[t];
+    const float* inv_freq = rope.inv_freq + static_cast<int64_t>(table) * half;
+    const float attn_scale = rope.attn_scale[table];
+    const float pos = static_cast<float>(rope.positions[t]);
+    for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
+      const float angle = pos * inv_freq[i];
+      double sn, cs;
+      sincos(static_cast<double>(angle), &sn, &cs);
+      rope_cs[i] = static_cast<float>(cs) * attn_scale;
+      rope_cs[half + i] = static_cast<float>(sn) * attn_scale;
+    }
+  }
+  __syncthreads();
+  PdlWait();
+  const int lane = threadIdx.x & 31;
+  const int64_t h = static_cast<int64_t>(blockIdx.y) * kRopeWarps + (threadIdx.x >> 5);
+  if (h >= num_heads + 2 * num_kv_heads) return;
   const int64_t row = (num_heads + 2 * num_kv_heads) * head_dim;
   const int64_t kv_size = num_kv_heads * head_dim;
-  const int64_t half = head_dim / 2;
   const int64_t slot = slot_mapping[t];
-  const int32_t table = rope.table_of[t];
-  const float* inv_freq = rope.inv_freq + static_cast<int64_t>(table) * half;
-  const float attn_scale = rope.attn_scale[table];
-  const float pos = static_cast<float>(rope.positions[t]);
-  const float qscale = rope.logn ? rope.logn[t] : 1.0f;
-  for (int64_t h = warp; h < num_heads + 2 * num_kv_heads; h += warps) {
-    const float* src = qkv + t * row + h * head_dim;
-    if (h >= num_heads + num_kv_heads) {  // v: copy into the cache
-      bf16_t* dst = v_cache + slot * kv_size + (h - num_heads - num_kv_heads) * head_dim;
-      for (int64_t i = lane; i < head_dim; i += 32) St(dst, i, src[i]);
-      continue;
-    }
-    const bool is_q = h < num_heads;
-    const bf16_t* norm = is_q ? q_norm : k_norm;
-    float inv = 1.0f;
+  const float* src = qkv + t * row + h * head_dim;
+  if (h >= num_heads + num_kv_heads) {  // v: copy into the cache
+    bf16_t* dst = v_cache + slot * kv_size + (h - num_heads - num_kv_heads) * head_dim;
+    for (int64_t i = lane; i < head_dim; i += 32) St(dst, i, src[i]);
+    return;
+  }
+  const bool is_q = h < num_heads;
+  const bf16_t* norm = is_q ? q_norm : k_norm;
+  float inv = 1.0f;
+  if (norm) {
+    float ss = 0.0f;
+    for (int64_t i = lane; i < head_dim; i += 32) ss += src[i] * src[i];
+    ss = WarpSum(ss);
+    inv = 1.0f / sqrtf(ss / static_cast<float>(head_dim) + eps);
+  }
+  bf16_t* dst = is_q ? q_out + t * num_heads * head_dim + h * head_dim
+                     : k_cache + slot * kv_size + (h - num_heads) * head_dim;
+  const float scale = is_q && rope.logn ? rope.logn[t] : 1.0f;
+  for (int64_t i = lane; i < half; i += 32) {
+    float a = src[i], b = src[i + half];
     if (norm) {
-      float ss = 0.0f;
-      for (int64_t i = lane; i < head_dim; i += 32) ss += src[i] * src[i];
-      ss = WarpSum(ss);
-      inv = 1.0f / sqrtf(ss / static_cast<float>(head_dim) + eps);
+      a = a * inv * Ld(norm, i);
+      b = b * inv * Ld(norm, i + half);
     }
-    bf16_t* dst = is_q ? q_out + t * num_heads * head_dim + h * head_dim
-                       : k_cache + slot * kv_size + (h - num_heads) * head_dim;
-    const float scale = is_q ? qscale : 1.0f;
-    for (int64_t i = lane; i < half; i += 32) {
-      float a = src[i], b = src[i + half];
-      if (norm) {
-        a = a * inv * Ld(norm, i);
-        b = b * inv * Ld(norm, i + half);
-      }
-      const float angle = pos * inv_freq[i];
-      double s, c;
-      sincos(static_cast<double>(angle), &s, &c);
-      const float cs = static_cast<float>(c) * attn_scale, sn = static_cast<float>(s) * attn_scale;
-      St(dst, i, (a * cs - b * sn) * scale);
-      St(dst, i + half, (b * cs + a * sn) * scale);
-    }
+    const float cs = rope_cs[i], sn = rope_cs[half + i];
+    St(dst, i, (a * cs - b * sn) * scale);
+    St(dst, i + half, (b * cs + a * sn) * scale);
   }
 }
 
@@ -353,8 +365,10 @@ cudaError_t RopeWriteKv(const float* qkv, int64_t n, int64_t num_heads, int64_t 
                         const RopeArgs& rope, const int64_t* slot_mapping, bf16_t* q_out,
                         bf16_t* k_cache, bf16_t* v_cache, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  return LaunchPdl(RopeWriteKvKernel, dim3(static_cast<unsigned>(n)), dim3(256), 0, stream, qkv,
-                   num_heads, num_kv_heads, head_dim, q_norm, k_norm, eps, rope, slot_mapping,
+  const int64_t heads = num_heads + 2 * num_kv_heads;
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((heads + kRopeWarps - 1) / kRopeWarps));
+  return LaunchPdl(RopeWriteKvKernel, grid, dim3(kRopeWarps * 32), head_dim * sizeof(float), stream,
+                   qkv, num_heads, num_kv_heads, head_dim, q_norm, k_norm, eps, rope, slot_mapping,
                    q_out, k_cache, v_cache);
 }
 
