@@ -513,27 +513,31 @@ int main(int argc, char** argv) {
 
   // 3. Batch-1 decode after a 128-token prompt: cuBLASLt GEMMs (gemv 0), then the default path.
   // Modes: 0 cuBLASLt GEMMs + CUDA-core attention, 1 skinny GEMMs + CUDA-core attention,
-  // 2 skinny GEMMs + tensor-core decode attention (the default).
-  constexpr int kModes = 3;
+  // 2 skinny GEMMs + tensor-core decode attention (the default), logits to the host each step;
+  // 3 the same kernels, the token sampled greedily on the GPU (ForwardSample: the engine's path
+  // when its requests allow it, Engine::Config::device_sampling).
+  constexpr int kModes = 4;
   const char* mode_names[kModes] = {"cuBLASLt, CUDA-core attn", "gemv, CUDA-core attn",
-                                    "gemv, tensor-core attn"};
+                                    "gemv, tensor-core attn", "gemv, tc attn, greedy on GPU"};
+  const std::vector<DeviceSampleSpec> greedy1(1);
+  std::vector<DeviceSampleResult> sampled1;
   double decode_tps[kModes] = {}, decode_ms[kModes] = {};
   const int default_gemv = cuda::Gemm().gemv_max_rows();
   for (int mode = 0; mode < kModes; ++mode) {
     Check(backend.SetGemvMaxRows(mode == 0 ? 0 : default_gemv));
-    Check(backend.SetDecodeAttentionMma(mode == 2));
+    Check(backend.SetDecodeAttentionMma(mode >= 2));
     int32_t next = 0;
     std::vector<SeqState> seqs(1);
     ForwardBatch p = MakeBatch(seqs, 128, bs, &next, vocab);
     Check(backend.Forward(p, &logits));
-    for (int i = 0; i < 8; ++i) {  // warm-up, graph capture
-      ForwardBatch d = MakeBatch(seqs, 1, bs, &next, vocab);
-      Check(backend.Forward(d, &logits));
-    }
+    auto step = [&](const ForwardBatch& d) {
+      Check(mode == 3 ? backend.ForwardSample(d, greedy1, &sampled1) : backend.Forward(d, &logits));
+    };
+    for (int i = 0; i < 8; ++i) step(MakeBatch(seqs, 1, bs, &next, vocab));  // warm-up, capture
     std::vector<ForwardBatch> steps;
     for (int i = 0; i < decode_steps; ++i) steps.push_back(MakeBatch(seqs, 1, bs, &next, vocab));
     const auto a = Clock::now();
-    for (auto& d : steps) Check(backend.Forward(d, &logits));
+    for (auto& d : steps) step(d);
     const double t = Seconds(a, Clock::now());
     decode_tps[mode] = decode_steps / t;
     decode_ms[mode] = t / decode_steps * 1e3;

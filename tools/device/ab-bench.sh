@@ -16,7 +16,7 @@ export LD_LIBRARY_PATH="$G/lib:${LD_LIBRARY_PATH:-}"
 for i in $(seq 1 "$ROUNDS"); do
   for bin in "$A" "$B"; do
     line="$(timeout 120 "$bin" --model "$CONFIG" --profile 0 --long 0 2>&1 |
-      grep -E 'batch-1 decode, gemv, tensor|64 x \(128' | sed 's/  */ /g' | tr '\n' ' ')"
+      grep -E 'batch-1 decode, gemv, t|64 x \(128' | sed 's/  */ /g' | tr '\n' ' ')"
     echo "round $i $(basename "$bin"): ${line:-(no result)}"
   done
 done

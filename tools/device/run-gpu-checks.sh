@@ -47,8 +47,10 @@ run tests 240 "$G/qilin_cuda_tests"
 if [ -n "$SAN" ]; then
   run memcheck 200 "$SAN" --tool memcheck --error-exitcode 9 "$G/qilin_cuda_tests" \
     --gtest_filter='CudaOps.*:CudaSampling.*:CudaBackend.*:Fixtures/CudaGoldenTest.*/qwen2:Fixtures/CudaGoldenTest.*/qwen3'
+  # QILIN_RACECHECK_FILTER narrows it to the kernels a change touched (the attention tests alone
+  # take minutes under racecheck).
   run racecheck 300 "$SAN" --tool racecheck --error-exitcode 9 "$G/qilin_cuda_tests" \
-    --gtest_filter='CudaOps.PagedAttention*:CudaOps.AddRmsNorm*:CudaOps.RopeWriteKv*:CudaOps.SiluMul*:CudaSampling.*'
+    --gtest_filter="${QILIN_RACECHECK_FILTER:-CudaOps.PagedAttention*:CudaOps.AddRmsNorm*:CudaOps.RopeWriteKv*:CudaOps.SiluMul*:CudaSampling.*}"
 else
   RES[memcheck]="compute-sanitizer not found"
 fi
