@@ -231,9 +231,9 @@ void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double 
             "rope");
     });
     row("rope + KV write", n, t, n * qkv * (4.0 + 2), 0, ps);
-    for (void* p : {static_cast<void*>(d_pos), static_cast<void*>(d_table),
-                    static_cast<void*>(d_slots), static_cast<void*>(d_inv),
-                    static_cast<void*>(d_scale)})
+    for (void* p :
+         {static_cast<void*>(d_pos), static_cast<void*>(d_table), static_cast<void*>(d_slots),
+          static_cast<void*>(d_inv), static_cast<void*>(d_scale)})
       cudaFree(p);
   }
   // Prefill GEMMs at n = 4096: f32 vs bf16 outputs.

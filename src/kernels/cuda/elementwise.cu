@@ -366,7 +366,8 @@ cudaError_t RopeWriteKv(const float* qkv, int64_t n, int64_t num_heads, int64_t 
                         bf16_t* k_cache, bf16_t* v_cache, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t heads = num_heads + 2 * num_kv_heads;
-  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((heads + kRopeWarps - 1) / kRopeWarps));
+  const dim3 grid(static_cast<unsigned>(n),
+                  static_cast<unsigned>((heads + kRopeWarps - 1) / kRopeWarps));
   return LaunchPdl(RopeWriteKvKernel, grid, dim3(kRopeWarps * 32), head_dim * sizeof(float), stream,
                    qkv, num_heads, num_kv_heads, head_dim, q_norm, k_norm, eps, rope, slot_mapping,
                    q_out, k_cache, v_cache);
