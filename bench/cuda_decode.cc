@@ -507,6 +507,8 @@ int main(int argc, char** argv) {
   auto blocks = backend.ProposeNumKvBlocks(bs, 0.9, max_tokens);
   if (!blocks.ok()) Die(blocks.status().ToString());
   Check(backend.AllocateKvCache({*blocks, bs}));
+  // GPU time of each step's layers + lm_head beside its wall time (CudaBackend::SetStepTiming).
+  Check(backend.SetStepTiming(true));
   const int32_t vocab = static_cast<int32_t>(config.vocab_size);
   const double kv_per_token = static_cast<double>(backend.KvBytesPerToken());
   std::vector<float> logits;
@@ -521,7 +523,7 @@ int main(int argc, char** argv) {
                                     "gemv, tensor-core attn", "gemv, tc attn, greedy on GPU"};
   const std::vector<DeviceSampleSpec> greedy1(1);
   std::vector<DeviceSampleResult> sampled1;
-  double decode_tps[kModes] = {}, decode_ms[kModes] = {};
+  double decode_tps[kModes] = {}, decode_ms[kModes] = {}, decode_gpu_ms[kModes] = {};
   const int default_gemv = cuda::Gemm().gemv_max_rows();
   for (int mode = 0; mode < kModes; ++mode) {
     Check(backend.SetGemvMaxRows(mode == 0 ? 0 : default_gemv));
@@ -537,8 +539,13 @@ int main(int argc, char** argv) {
     std::vector<ForwardBatch> steps;
     for (int i = 0; i < decode_steps; ++i) steps.push_back(MakeBatch(seqs, 1, bs, &next, vocab));
     const auto a = Clock::now();
-    for (auto& d : steps) step(d);
+    std::vector<double> gpu_ms;
+    for (auto& d : steps) {
+      step(d);
+      gpu_ms.push_back(backend.LastStepGpuMs());
+    }
     const double t = Seconds(a, Clock::now());
+    decode_gpu_ms[mode] = Median(gpu_ms);
     decode_tps[mode] = decode_steps / t;
     decode_ms[mode] = t / decode_steps * 1e3;
   }
@@ -563,7 +570,7 @@ int main(int argc, char** argv) {
   struct Workload {
     int in, out;
     double tps = 0, prefill_s = 0, step_ms = 0, limit_tps = 0, logits_ms = 0;
-    double pinned_ms = 0, host_step_ms = 0;
+    double pinned_ms = 0, host_step_ms = 0, gpu_step_ms = 0;
   };
   // Host-logits decode steps of the first workload by CudaBackendOptions::host_copy_threads.
   const int copy_threads[] = {0, 1, 2, 4, 8};
@@ -592,11 +599,14 @@ int main(int argc, char** argv) {
       std::copy(part.begin(), part.end(), seqs.begin() + s0);
     }
     const auto b = Clock::now();
+    std::vector<double> gpu_ms;
     for (int i = 0; i < wl.out - 1; ++i) {
       ForwardBatch d = MakeBatch(seqs, 1, bs, &next, vocab);
       Check(backend.ForwardSample(d, greedy_specs, &sampled));
+      gpu_ms.push_back(backend.LastStepGpuMs());
     }
     const auto c = Clock::now();
+    wl.gpu_step_ms = Median(gpu_ms);
     // For comparison: a few more steps with the logits copied to the host (the host sampler's
     // path; the copy goes to pageable memory, std::vector).
     {
@@ -672,8 +682,9 @@ int main(int argc, char** argv) {
     std::snprintf(name, sizeof name, "batch-1 decode, %s", mode_names[mode]);
     std::printf("%-44s %10.1f tok/s %8.1f tok/s %7.1f%%\n", name, decode_tps[mode], decode_limit,
                 100 * decode_tps[mode] / decode_limit);
-    std::printf("%-44s %11.2f ms %11.2f ms %7.1f%%\n", "  step", decode_ms[mode],
-                1e3 / decode_limit, 100 * decode_tps[mode] / decode_limit);
+    std::printf("%-44s %11.2f ms %11.2f ms %7.1f%%  (GPU, layers + lm_head: %.2f ms)\n", "  step",
+                decode_ms[mode], 1e3 / decode_limit, 100 * decode_tps[mode] / decode_limit,
+                decode_gpu_ms[mode]);
   }
   std::printf("%-44s %11.1f ms %11.1f ms %7.1f%%\n", "prefill, one 4096-token prompt",
               prefill_s * 1e3, prefill_limit_s * 1e3, 100 * prefill_limit_s / prefill_s);
@@ -684,9 +695,11 @@ int main(int argc, char** argv) {
     std::printf("%-44s %10.0f tok/s %8.0f tok/s %7.1f%%\n", name, wl.tps, wl.limit_tps,
                 100 * wl.tps / wl.limit_tps);
     std::printf(
-        "  prefill %.1f ms, decode step %.2f ms with greedy sampling on the device; %.2f ms with "
-        "the logits to the host (a 64-row logits copy: %.2f ms pageable, %.2f ms pinned)\n",
-        wl.prefill_s * 1e3, wl.step_ms, wl.host_step_ms, wl.logits_ms, wl.pinned_ms);
+        "  prefill %.1f ms, decode step %.2f ms with greedy sampling on the device (GPU, layers + "
+        "lm_head: %.2f ms); %.2f ms with the logits to the host (a 64-row logits copy: %.2f ms "
+        "pageable, %.2f ms pinned)\n",
+        wl.prefill_s * 1e3, wl.step_ms, wl.gpu_step_ms, wl.host_step_ms, wl.logits_ms,
+        wl.pinned_ms);
   }
   std::printf(
       "batch-64 decode step with the logits to the host, by host_copy_threads "

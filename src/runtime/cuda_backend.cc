@@ -85,6 +85,8 @@ CudaBackend::~CudaBackend() {
     if (stage_done_[i]) cudaEventDestroy(stage_done_[i]);
   }
   if (sample_dev_) cudaFree(sample_dev_);
+  if (step_begin_) cudaEventDestroy(step_begin_);
+  if (step_end_) cudaEventDestroy(step_end_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -442,6 +444,21 @@ Status CudaBackend::AllocateKvCache(const KvCacheLayout& layout) {
   const int64_t max_len = std::max<int64_t>(config_.MaxModelLen(), 1);
   table_cap_ = static_cast<int32_t>(
       std::min<int64_t>((max_len + layout.block_size - 1) / layout.block_size, layout.num_blocks));
+  return Status::Ok();
+}
+
+Status CudaBackend::SetStepTiming(bool on) {
+  last_step_gpu_ms_ = 0;
+  if (on == (step_begin_ != nullptr)) return Status::Ok();
+  QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before switching step timing");
+  if (!on) {
+    cudaEventDestroy(step_begin_);
+    cudaEventDestroy(step_end_);
+    step_begin_ = step_end_ = nullptr;
+    return Status::Ok();
+  }
+  QILIN_CUDA_RETURN(cudaEventCreate(&step_begin_), "cudaEventCreate(step timing)");
+  QILIN_CUDA_RETURN(cudaEventCreate(&step_end_), "cudaEventCreate(step timing)");
   return Status::Ok();
 }
 
@@ -1002,12 +1019,19 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
   } else if (logits != nullptr) {
     logits->resize(static_cast<size_t>(m) * c.vocab_size);
   }
+  // Step timing: events outside any capture, around the layers and lm_head.
+  auto timed = [&](bool end) -> Status {
+    if (step_begin_ == nullptr) return Status::Ok();
+    return cuda::CudaStatus(cudaEventRecord(end ? step_end_ : step_begin_, stream_), "step timing");
+  };
   if (bucket > 0) {
     shape.rows = bucket;
     auto it = graphs_.find(bucket);
+    QILIN_RETURN_IF_ERROR(timed(false));
     if (it == graphs_.end()) {
       // First step of this bucket: run it eagerly (creates the GEMM plans), then capture.
       QILIN_RETURN_IF_ERROR(RunStep(il, shape));
+      QILIN_RETURN_IF_ERROR(timed(true));
       cudaGraph_t graph = nullptr;
       QILIN_CUDA_RETURN(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
                         "cudaStreamBeginCapture");
@@ -1022,6 +1046,7 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
       graphs_[bucket] = exec;
     } else {
       QILIN_CUDA_RETURN(cudaGraphLaunch(it->second, stream_), "cudaGraphLaunch");
+      QILIN_RETURN_IF_ERROR(timed(true));
     }
     if (m > 0 && sample) {
       QILIN_RETURN_IF_ERROR(SampleChunk(0, m, results));
@@ -1031,7 +1056,9 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
   } else {
     // Layers once; lm_head in chunks of kLogitsChunk rows (the rows are already on the device).
     shape.rows = std::min(m, kLogitsChunk);
+    QILIN_RETURN_IF_ERROR(timed(false));
     QILIN_RETURN_IF_ERROR(RunStep(il, shape));
+    QILIN_RETURN_IF_ERROR(timed(true));
     for (int32_t r0 = 0; r0 < m; r0 += kLogitsChunk) {
       const int32_t rc = std::min(kLogitsChunk, m - r0);
       if (r0 > 0) {
@@ -1051,6 +1078,11 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
     }
   }
   QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "Forward");
+  if (step_begin_ != nullptr) {
+    float ms = 0;
+    QILIN_CUDA_RETURN(cudaEventElapsedTime(&ms, step_begin_, step_end_), "step timing");
+    last_step_gpu_ms_ = ms;
+  }
   return Status::Ok();
 }
 

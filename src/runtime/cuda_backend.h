@@ -96,6 +96,12 @@ class CudaBackend : public Backend {
                       std::vector<DeviceSampleResult>* results);
   // Switches CudaBackendOptions::host_copy_threads (for benchmarks).
   void SetHostCopyThreads(int threads) { options_.host_copy_threads = std::max(0, threads); }
+  // Step timing (for benchmarks): events around each step's layers and lm_head (the graph
+  // launch, or the eager launches of the first logits chunk), so that a caller can set the GPU's
+  // part of a step beside its wall time (inputs built and uploaded, sampling, the host's share).
+  Status SetStepTiming(bool on);
+  // GPU milliseconds of the last step's layers + lm_head; 0 without step timing.
+  double LastStepGpuMs() const { return last_step_gpu_ms_; }
   // Switches CudaBackendOptions::decode_attention_mma (drops the captured graphs).
   Status SetDecodeAttentionMma(bool on);
   // Switches CudaBackendOptions::swiglu_bf16_min_rows (drops the captured graphs).
@@ -153,6 +159,8 @@ class CudaBackend : public Backend {
   ModelConfig config_;
   CudaBackendOptions options_;
   cudaStream_t stream_ = nullptr;
+  cudaEvent_t step_begin_ = nullptr, step_end_ = nullptr;  // SetStepTiming
+  double last_step_gpu_ms_ = 0;
   cuda::Gemm gemm_;
   std::vector<void*> allocations_;      // weights and the KV pool
   std::vector<void*> act_allocations_;  // activations (regrown when a batch is larger)

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -199,6 +200,37 @@ TEST(CudaBackend, PdlLaunchesGiveIdenticalLogits) {
     take.assign(seqs.size(), 1);
   }
   EXPECT_GE((*on)->NumGraphs(), 1);
+}
+
+// Step timing reports the GPU time of an eager prefill and of graph decode steps, no more than
+// the wall time of the call; switched off it reports 0.
+TEST(CudaBackend, StepTimingReportsGpuTime) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig config = SmallConfig(64, false);
+  auto be = CudaBackend::CreateDummy(config, 5);
+  ASSERT_TRUE(be.ok()) << be.status().ToString();
+  ASSERT_TRUE((*be)->AllocateKvCache({16, 16}).ok());
+  ASSERT_TRUE((*be)->SetStepTiming(true).ok());
+  Seq seq;
+  for (int32_t i = 0; i < 21; ++i) seq.tokens.push_back(i % config.vocab_size);
+  int32_t next = 0;
+  std::vector<float> logits;
+  for (int step = 0; step < 4; ++step) {
+    const int32_t take = step == 0 ? 21 : 1;
+    ForwardBatch batch = Pack({&seq}, {take}, 16, &next);
+    const auto t0 = std::chrono::steady_clock::now();
+    ASSERT_TRUE((*be)->Forward(batch, &logits).ok());
+    const double wall_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_GT((*be)->LastStepGpuMs(), 0.0) << "step " << step;
+    EXPECT_LE((*be)->LastStepGpuMs(), wall_ms) << "step " << step;
+    seq.tokens.push_back(0);
+  }
+  EXPECT_GE((*be)->NumGraphs(), 1);
+  ASSERT_TRUE((*be)->SetStepTiming(false).ok());
+  ForwardBatch batch = Pack({&seq}, {1}, 16, &next);
+  ASSERT_TRUE((*be)->Forward(batch, &logits).ok());
+  EXPECT_EQ((*be)->LastStepGpuMs(), 0.0);
 }
 
 TEST(CudaBackend, KvSizingAndErrors) {
