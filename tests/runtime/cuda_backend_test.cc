@@ -202,6 +202,53 @@ TEST(CudaBackend, PdlLaunchesGiveIdenticalLogits) {
   EXPECT_GE((*on)->NumGraphs(), 1);
 }
 
+// Graph steps run decode attention over a grid of the step's split class (a power of two >= its
+// most splits), a graph per (bucket, class): three sequences decoded from 9, 40 and 150 tokens to
+// past 300 pass through classes 1 .. 16 (32 keys per split up to 512), every step's logits equal
+// to the same steps without graphs.
+TEST(CudaBackend, GraphSplitClassesMatchEagerSteps) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig config = SmallConfig(128, false);
+  config.num_layers = 2;
+  auto weights = MakeDummyWeights(config, DType::kBF16, 17, 0.05f, 0.1f);
+  ASSERT_TRUE(weights.ok()) << weights.status().ToString();
+  CudaBackendOptions eager_opts;
+  eager_opts.cuda_graphs = false;
+  auto graph = CudaBackend::Create(config, *weights);
+  auto eager = CudaBackend::Create(config, std::move(weights).value(), eager_opts);
+  ASSERT_TRUE(graph.ok() && eager.ok());
+  const int32_t bs = 16;
+  ASSERT_TRUE((*graph)->AllocateKvCache({96, bs}).ok());
+  ASSERT_TRUE((*eager)->AllocateKvCache({96, bs}).ok());
+  std::mt19937 rng(9);
+  std::vector<Seq> seqs(3);
+  const int32_t prompt[3] = {9, 40, 150};
+  for (size_t i = 0; i < seqs.size(); ++i)
+    for (int32_t j = 0; j < prompt[i]; ++j)
+      seqs[i].tokens.push_back(static_cast<int32_t>(rng() % config.vocab_size));
+  int32_t next = 0;
+  std::vector<int32_t> take(prompt, prompt + 3);
+  for (int step = 0; step < 170; ++step) {
+    ForwardBatch batch = Pack({&seqs[0], &seqs[1], &seqs[2]}, take, bs, &next);
+    std::vector<float> lg, le;
+    ASSERT_TRUE((*graph)->Forward(batch, &lg).ok());
+    ASSERT_TRUE((*eager)->Forward(batch, &le).ok());
+    ASSERT_EQ(lg.size(), le.size());
+    ASSERT_EQ(std::memcmp(lg.data(), le.data(), lg.size() * sizeof(float)), 0)
+        << "step " << step << ", contexts " << seqs[0].cached << " " << seqs[1].cached << " "
+        << seqs[2].cached;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const float* row = le.data() + i * config.vocab_size;
+      seqs[i].tokens.push_back(
+          static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
+    }
+    take.assign(seqs.size(), 1);
+  }
+  // Bucket 4 at split classes 8 and 16 at least (150 + 169 keys: 10 splits at the end).
+  EXPECT_GE((*graph)->NumGraphs(), 2);
+  EXPECT_EQ((*eager)->NumGraphs(), 0);
+}
+
 // Step timing reports the GPU time of an eager prefill and of graph decode steps, no more than
 // the wall time of the call; switched off it reports 0.
 TEST(CudaBackend, StepTimingReportsGpuTime) {
