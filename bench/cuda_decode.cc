@@ -373,22 +373,13 @@ void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double 
     float* partial;
     Check(cudaMalloc(&partial, cuda::DecodePartialFloats(B, c.num_heads, c.head_dim) * 4), "m");
     const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-    // The grid a graph step launches (its split class: 4 splits of 32 keys at 128 keys), and for
-    // comparison one of kMaxSplits (what graph steps launched before split classes).
-    const int32_t splits = (ctx + cuda::DecodePartition(ctx) - 1) / cuda::DecodePartition(ctx);
-    for (int32_t grid : {splits, cuda::kMaxSplits}) {
-      t = time([&](int) {
-        Check(
-            cuda::PagedAttentionDecodeMma(xa, kv, kv + toks * kvs, ab, d_dec, B, grid, c.num_heads,
-                                          c.num_kv_heads, c.head_dim, scale, partial, xb, st),
+    t = time([&](int) {
+      Check(cuda::PagedAttentionDecodeMma(xa, kv, kv + toks * kvs, ab, d_dec, B, cuda::kMaxSplits,
+                                          c.num_heads, c.num_kv_heads, c.head_dim, scale, partial,
+                                          xb, st),
             "decode attention");
-      });
-      if (grid == splits) {
-        row64("b64 decode attn ctx 128 mma", t, 2.0 * toks * kvs * 2, double(L));
-      } else {
-        row("b64 decode attn ctx 128, 16-split grid", B, t, 2.0 * toks * kvs * 2, 0, 0);
-      }
-    }
+    });
+    row64("b64 decode attn ctx 128 mma", t, 2.0 * toks * kvs * 2, double(L));
     // Greedy sampling of the 64 logits rows on the device.
     float* lg;
     cuda::SampleRowParams* d_par;

@@ -91,7 +91,7 @@ CudaBackend::~CudaBackend() {
 }
 
 void CudaBackend::DropGraphs() {
-  for (auto& [key, g] : graphs_) cudaGraphExecDestroy(g);
+  for (auto& [bucket, g] : graphs_) cudaGraphExecDestroy(g);
   graphs_.clear();
 }
 
@@ -919,14 +919,8 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
     }
   }
   if (bucket > 0) {
-    // Padding tokens sit at position 0: one split each. The graph's attention grid has a power
-    // of two >= the step's most splits (a graph per bucket and split class): a grid of
-    // kMaxSplits would leave most of its blocks empty while contexts are short (batch 64 at 128
-    // keys: 3072 of 4096 blocks, 3 resident per SM).
     for (int32_t t = n; t < n_pad; ++t) decode_list.push_back(t);
-    int32_t split_class = 1;
-    while (split_class < max_splits) split_class *= 2;
-    max_splits = std::min(split_class, cuda::kMaxSplits);
+    max_splits = cuda::kMaxSplits;
   }
 
   // Rope tables: 0 is the base; sequence-dependent ones (Qwen v1 NTK, dynamic) follow.
@@ -1032,8 +1026,7 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
   };
   if (bucket > 0) {
     shape.rows = bucket;
-    const std::pair<int32_t, int32_t> key{bucket, max_splits};
-    auto it = graphs_.find(key);
+    auto it = graphs_.find(bucket);
     QILIN_RETURN_IF_ERROR(timed(false));
     if (it == graphs_.end()) {
       // First step of this bucket: run it eagerly (creates the GEMM plans), then capture.
@@ -1050,7 +1043,7 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
       cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
       cudaGraphDestroy(graph);
       QILIN_CUDA_RETURN(inst, "cudaGraphInstantiate");
-      graphs_[key] = exec;
+      graphs_[bucket] = exec;
     } else {
       QILIN_CUDA_RETURN(cudaGraphLaunch(it->second, stream_), "cudaGraphLaunch");
       QILIN_RETURN_IF_ERROR(timed(true));

@@ -28,7 +28,7 @@ namespace qilin {
 int CudaDeviceCount();
 
 struct CudaBackendOptions {
-  bool cuda_graphs = true;  // capture decode-only steps per batch-size bucket and split class
+  bool cuda_graphs = true;  // capture decode-only steps per batch-size bucket
   // Steps of at most this many tokens use the skinny GEMM kernel (gemv.cu) instead of cuBLASLt;
   // 0 turns it off, -1 keeps cuda::Gemm's default.
   int gemv_max_rows = -1;
@@ -208,8 +208,7 @@ class CudaBackend : public Backend {
   std::vector<float> base_inv_freq_;
   float base_attn_scale_ = 1.0f;
 
-  // By (bucket size, decode-attention split class: the power of two >= the step's most splits).
-  std::map<std::pair<int32_t, int32_t>, cudaGraphExec_t> graphs_;
+  std::map<int32_t, cudaGraphExec_t> graphs_;  // by bucket size
 };
 
 }  // namespace qilin

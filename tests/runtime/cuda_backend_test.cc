@@ -202,11 +202,11 @@ TEST(CudaBackend, PdlLaunchesGiveIdenticalLogits) {
   EXPECT_GE((*on)->NumGraphs(), 1);
 }
 
-// Graph steps run decode attention over a grid of the step's split class (a power of two >= its
-// most splits), a graph per (bucket, class): three sequences decoded from 9, 40 and 150 tokens to
-// past 300 pass through classes 1 .. 16 (32 keys per split up to 512), every step's logits equal
-// to the same steps without graphs.
-TEST(CudaBackend, GraphSplitClassesMatchEagerSteps) {
+// Graph steps launch decode attention over a grid of kMaxSplits splits (the blocks past a token's
+// splits return at once), eager steps over the step's most splits: three sequences decoded from
+// 9, 40 and 150 tokens to past 300 keys go through 1 .. 16 splits (32 keys per split up to 512),
+// every step's logits equal with and without graphs.
+TEST(CudaBackend, GraphStepsMatchEagerStepsThroughEverySplitCount) {
   SKIP_WITHOUT_GPU();
   ModelConfig config = SmallConfig(128, false);
   config.num_layers = 2;
@@ -244,8 +244,7 @@ TEST(CudaBackend, GraphSplitClassesMatchEagerSteps) {
     }
     take.assign(seqs.size(), 1);
   }
-  // Bucket 4 at split classes 8 and 16 at least (150 + 169 keys: 10 splits at the end).
-  EXPECT_GE((*graph)->NumGraphs(), 2);
+  EXPECT_GE((*graph)->NumGraphs(), 1);
   EXPECT_EQ((*eager)->NumGraphs(), 0);
 }
 
