@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
-#include <new>
 
 #include <omp.h>
 
@@ -109,40 +108,18 @@ Status CpuBackend::AllocateKvCache(const KvCacheLayout& layout) {
   }
   const int64_t slots = static_cast<int64_t>(layout.num_blocks) * layout.block_size;
   const double bytes = static_cast<double>(slots) * KvBytesPerToken();
-  k_cache_.clear();
-  v_cache_.clear();
   layout_ = KvCacheLayout{0, layout.block_size};
-  num_slots_ = 0;
-  try {
-    k_cache_.resize(config_.num_layers);
-    v_cache_.resize(config_.num_layers);
-    for (int64_t l = 0; l < config_.num_layers; ++l) {
-      k_cache_[l].assign(slots * config_.kv_size(), 0.0f);
-      v_cache_[l].assign(slots * config_.kv_size(), 0.0f);
-    }
-  } catch (const std::bad_alloc&) {
-    k_cache_.clear();
-    v_cache_.clear();
+  if (!kv_.Allocate(config_.num_layers, slots, config_.kv_size())) {
     return ResourceExhausted("KV cache: cannot allocate {} blocks of {} tokens ({:.2f} GiB)",
                              layout.num_blocks, layout.block_size, bytes / 1073741824.0);
   }
   layout_ = layout;
-  num_slots_ = slots;
   return Status::Ok();
 }
 
 Status CpuBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
   QILIN_RETURN_IF_ERROR(ValidateBlockPairs(src_dst, layout_));
-  const int64_t block_floats = static_cast<int64_t>(layout_.block_size) * config_.kv_size();
-  for (const auto& [src, dst] : src_dst) {
-    if (src == dst) continue;
-    for (int64_t l = 0; l < config_.num_layers; ++l) {
-      for (auto* cache : {&k_cache_[l], &v_cache_[l]}) {
-        std::copy_n(cache->data() + src * block_floats, block_floats,
-                    cache->data() + dst * block_floats);
-      }
-    }
-  }
+  kv_.CopyBlocks(src_dst, layout_.block_size);
   return Status::Ok();
 }
 
@@ -283,14 +260,14 @@ Status CpuBackend::Forward(const ForwardBatch& batch, std::vector<float>* logits
           for (int64_t i = 0; i < (h1 - h0) * hd; ++i) qt[i] *= logn_[t];
         }
         const int64_t slot = batch.slot_mapping[t];
-        std::copy_n(kt, (g1 - g0) * hd, &k_cache_[l][slot * kvs + g0 * hd]);
-        std::copy_n(&v_[t * kvs + g0 * hd], (g1 - g0) * hd, &v_cache_[l][slot * kvs + g0 * hd]);
+        std::copy_n(kt, (g1 - g0) * hd, &kv_.k[l][slot * kvs + g0 * hd]);
+        std::copy_n(&v_[t * kvs + g0 * hd], (g1 - g0) * hd, &kv_.v[l][slot * kvs + g0 * hd]);
       }
       if (!kv_aligned) {
 #pragma omp barrier
       }
-      cpu::PagedAttentionHeads(q_.data(), k_cache_[l].data(), v_cache_[l].data(), pab, heads,
-                               kv_heads, hd, scale, h0, h1, attn_.data());
+      cpu::PagedAttentionHeads(q_.data(), kv_.k[l].data(), kv_.v[l].data(), pab, heads, kv_heads,
+                               hd, scale, h0, h1, attn_.data());
       if (nt == 1) {
         // One thread: o_proj straight into h, then the residual add (no partials).
         slice(Ref(w.o_proj), qs, qs, 0, 0, hid, Ref(w.o_bias), attn_.data(), qs, h, hid);

@@ -11,6 +11,7 @@
 #include "model/config.h"
 #include "model/weights.h"
 #include "runtime/backend.h"
+#include "runtime/host_kv_cache.h"
 
 namespace qilin {
 
@@ -49,8 +50,7 @@ class CpuBackend : public Backend {
   ModelConfig config_;
   ModelWeights weights_;
   KvCacheLayout layout_;
-  int64_t num_slots_ = 0;
-  std::vector<std::vector<float>> k_cache_, v_cache_;  // per layer [slots, kv_size]
+  HostKvCache kv_;
   cpu::RopeFreqs base_freqs_;  // frequencies when they do not depend on the sequence
   int64_t min_macs_per_thread_ = kDefaultMinMacsPerThread;
 

@@ -4,7 +4,6 @@
 #include <cmath>
 #include <limits>
 #include <map>
-#include <new>
 
 #include "common/meminfo.h"
 #include "kernels/cpu/attention.h"
@@ -14,6 +13,7 @@
 #include "kernels/cpu/simd.h"
 #include "runtime/comm_batch.h"
 #include "runtime/cpu_backend.h"
+#include "runtime/host_kv_cache.h"
 #include "runtime/rope_tables.h"
 #include "runtime/tp_driver.h"
 #include "runtime/validate_batch.h"
@@ -37,8 +37,7 @@ struct TpCpuBackend::Rank : TpRankWorker {
   cpu::RopeFreqs base_freqs;
 
   int32_t block_size = 0;
-  int64_t num_slots = 0;
-  std::vector<std::vector<float>> k_cache, v_cache;  // per layer [slots, local kv_size]
+  HostKvCache kv;  // this rank's KV heads
 
   // Activations, reused across steps.
   std::vector<float> x, h, q, k, v, attn, gate, up, partial, rope_cos, rope_sin, logn, rows,
@@ -54,44 +53,20 @@ Status TpCpuBackend::Rank::AllocateKv(int32_t num_blocks, int32_t bs) {
   const ModelConfig& c = *full;
   const int64_t slots = static_cast<int64_t>(num_blocks) * bs;
   const int64_t kvs = local.kv_size();
-  k_cache.clear();
-  v_cache.clear();
-  num_slots = 0;
   block_size = bs;
-  try {
-    k_cache.resize(c.num_layers);
-    v_cache.resize(c.num_layers);
-    for (int64_t l = 0; l < c.num_layers; ++l) {
-      k_cache[l].assign(slots * kvs, 0.0f);
-      v_cache[l].assign(slots * kvs, 0.0f);
-    }
-  } catch (const std::bad_alloc&) {
-    k_cache.clear();
-    v_cache.clear();
+  if (!kv.Allocate(c.num_layers, slots, kvs)) {
     return ResourceExhausted(
         "KV cache of tensor parallel rank {}: cannot allocate {} blocks of {} tokens ({:.2f} GiB)",
         plan.rank, num_blocks, bs, 2.0 * c.num_layers * slots * kvs * 4 / 1073741824.0);
   }
-  num_slots = slots;
   return Status::Ok();
 }
 
+// Followers get the pairs over the wire: checked here against this rank's own pool.
 Status TpCpuBackend::Rank::CopyKv(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
-  const ModelConfig& c = *full;
-  const int64_t block_floats = static_cast<int64_t>(block_size) * local.kv_size();
-  for (const auto& [src, dst] : src_dst) {
-    if (src < 0 || dst < 0 ||
-        (static_cast<int64_t>(std::max(src, dst)) + 1) * block_size > num_slots) {
-      return InvalidArgument("CopyKvBlocks: block pair ({}, {}) is outside the pool", src, dst);
-    }
-    if (src == dst) continue;
-    for (int64_t l = 0; l < c.num_layers; ++l) {
-      for (auto* cache : {&k_cache[l], &v_cache[l]}) {
-        std::copy_n(cache->data() + src * block_floats, block_floats,
-                    cache->data() + dst * block_floats);
-      }
-    }
-  }
+  const int32_t blocks = block_size > 0 ? static_cast<int32_t>(kv.slots / block_size) : 0;
+  QILIN_RETURN_IF_ERROR(ValidateBlockPairs(src_dst, KvCacheLayout{blocks, block_size}));
+  kv.CopyBlocks(src_dst, block_size);
   return Status::Ok();
 }
 
@@ -170,10 +145,10 @@ Status TpCpuBackend::Rank::Forward(const ForwardBatch& batch, std::vector<float>
         for (int64_t i = 0; i < qs; ++i) qt[i] *= logn[t];
       }
     }
-    cpu::WriteKvCache(k.data(), v.data(), n, kvs, batch.slot_mapping.data(), k_cache[l].data(),
-                      v_cache[l].data());
-    cpu::PagedAttentionHeads(q.data(), k_cache[l].data(), v_cache[l].data(), pab, nq, nkv, hd,
-                             scale, 0, nq, attn.data());
+    cpu::WriteKvCache(k.data(), v.data(), n, kvs, batch.slot_mapping.data(), kv.k[l].data(),
+                      kv.v[l].data());
+    cpu::PagedAttentionHeads(q.data(), kv.k[l].data(), kv.v[l].data(), pab, nq, nkv, hd, scale, 0,
+                             nq, attn.data());
     // o_proj over this rank's heads: a partial sum of the full output.
     linear(attn.data(), qs, lw.o_proj, H, TensorView{}, partial.data());
     QILIN_RETURN_IF_ERROR(comm->AllReduceSum(partial.data(), n * H));
