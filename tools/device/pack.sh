@@ -35,6 +35,7 @@ else
   rm -f "$DEST/qilin_bench_tokenizer"
 fi
 cp tools/device/run-gpu-checks.sh tools/device/serve-bench.sh tools/device/torch_baseline.py \
+  tools/device/ncu-decode.sh \
   tools/device/ab-bench.sh "$DEST/"
 # A baseline benchmark binary for tools/device/ab-bench.sh (e.g. main's, built before a change).
 if [ -n "${QILIN_AB_BASE:-}" ]; then cp "$QILIN_AB_BASE" "$DEST/base_bench"; fi
