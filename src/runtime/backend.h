@@ -50,6 +50,25 @@ class Backend {
     return Unimplemented("backend {} does not sample on its device", name());
   }
 
+  // Optional: overlapped steps, so that the host prepares step N+1 while the device runs step N.
+  // LaunchForwardSample enqueues ForwardSample's work and returns without waiting for it;
+  // WaitForwardSample waits for the oldest launched step and returns its results. At most
+  // kMaxLaunchedSteps steps are launched and not yet waited. A token id PreviousRowToken(r) in a
+  // launched batch stands for the token sampled for row r of the step launched just before it
+  // (resolved on the device: the host never needs it). Rows launched this way never hand their
+  // logits back (DeviceSampleResult::on_host): greedy or top_p == 1 only.
+  static constexpr int kMaxLaunchedSteps = 2;
+  static constexpr int32_t PreviousRowToken(int32_t row) { return -1 - row; }
+  static constexpr int32_t PreviousRowOf(int32_t token) { return -1 - token; }
+  virtual bool SupportsLaunchedSteps() const { return false; }
+  virtual Status LaunchForwardSample(const ForwardBatch& batch,
+                                     std::span<const DeviceSampleSpec> specs) {
+    return Unimplemented("backend {} does not launch steps asynchronously", name());
+  }
+  virtual Status WaitForwardSample(std::vector<DeviceSampleResult>* results) {
+    return Unimplemented("backend {} does not launch steps asynchronously", name());
+  }
+
   // Copies whole KV blocks (src -> dst), for copy-on-write when sequences fork.
   virtual Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) = 0;
 

@@ -77,16 +77,18 @@ CudaBackend::~CudaBackend() {
   DropGraphs();
   for (void* p : act_allocations_) cudaFree(p);
   for (void* p : allocations_) cudaFree(p);
-  if (host_in_) cudaFreeHost(host_in_);
   if (dev_in_) cudaFree(dev_in_);
-  if (sample_host_) cudaFreeHost(sample_host_);
   for (int i = 0; i < 2; ++i) {
+    Staging& s = staging_[i];
+    if (s.in) cudaFreeHost(s.in);
+    if (s.sample) cudaFreeHost(s.sample);
+    for (cudaEvent_t e : {s.done, s.begin, s.end}) {
+      if (e) cudaEventDestroy(e);
+    }
     if (stage_[i]) cudaFreeHost(stage_[i]);
     if (stage_done_[i]) cudaEventDestroy(stage_done_[i]);
   }
   if (sample_dev_) cudaFree(sample_dev_);
-  if (step_begin_) cudaEventDestroy(step_begin_);
-  if (step_end_) cudaEventDestroy(step_end_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -101,6 +103,11 @@ Status CudaBackend::Init() {
     return Unavailable("device 'cuda': no CUDA device is visible (cudaGetDeviceCount found none)");
   }
   QILIN_CUDA_RETURN(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  for (Staging& s : staging_) {
+    QILIN_CUDA_RETURN(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "cudaEventCreate");
+    QILIN_CUDA_RETURN(cudaEventCreate(&s.begin), "cudaEventCreate");
+    QILIN_CUDA_RETURN(cudaEventCreate(&s.end), "cudaEventCreate");
+  }
   QILIN_RETURN_IF_ERROR(gemm_.Init());
   if (options_.gemv_max_rows >= 0) {
     gemm_.set_gemv_max_rows(std::min(options_.gemv_max_rows, cuda::kGemvMaxRows));
@@ -345,6 +352,13 @@ Status CudaBackend::EnsureActivations(int32_t t) {
   if (t <= act_tokens_) return Status::Ok();
   QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before regrowing activations");
   DropGraphs();
+  // A launched step's tokens may still be read by the next one: keep them.
+  std::vector<int32_t> previous(previous_rows_);
+  if (previous_rows_ > 0) {
+    QILIN_CUDA_RETURN(cudaMemcpy(previous.data(), previous_ids_, previous_rows_ * sizeof(int32_t),
+                                 cudaMemcpyDeviceToHost),
+                      "cudaMemcpy(previous tokens)");
+  }
   for (void* p : act_allocations_) cudaFree(p);
   act_allocations_.clear();
   act_tokens_ = 0;
@@ -376,6 +390,12 @@ Status CudaBackend::EnsureActivations(int32_t t) {
             &partial_));
   QILIN_RETURN_IF_ERROR(alloc(static_cast<size_t>(kLogitsChunk) * c.vocab_size * 4, &logits_));
   QILIN_RETURN_IF_ERROR(alloc(static_cast<size_t>(kLogitsChunk) * c.hidden_size * 2, &rows_h_));
+  QILIN_RETURN_IF_ERROR(alloc(n * sizeof(int32_t), &previous_ids_));
+  if (previous_rows_ > 0) {
+    QILIN_CUDA_RETURN(cudaMemcpy(previous_ids_, previous.data(), previous_rows_ * sizeof(int32_t),
+                                 cudaMemcpyHostToDevice),
+                      "cudaMemcpy(previous tokens)");
+  }
   if (tp()) {
     const size_t vpr = static_cast<size_t>(options_.tp_plan.vocab_per_rank);
     QILIN_RETURN_IF_ERROR(alloc(kLogitsChunk * vpr * 4, &tp_logits_));
@@ -449,16 +469,11 @@ Status CudaBackend::AllocateKvCache(const KvCacheLayout& layout) {
 
 Status CudaBackend::SetStepTiming(bool on) {
   last_step_gpu_ms_ = 0;
-  if (on == (step_begin_ != nullptr)) return Status::Ok();
-  QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before switching step timing");
-  if (!on) {
-    cudaEventDestroy(step_begin_);
-    cudaEventDestroy(step_end_);
-    step_begin_ = step_end_ = nullptr;
-    return Status::Ok();
+  if (!launched_.empty()) {
+    return FailedPrecondition("SetStepTiming: {} launched steps are not waited for",
+                              launched_.size());
   }
-  QILIN_CUDA_RETURN(cudaEventCreate(&step_begin_), "cudaEventCreate(step timing)");
-  QILIN_CUDA_RETURN(cudaEventCreate(&step_end_), "cudaEventCreate(step timing)");
+  step_timing_ = on;
   return Status::Ok();
 }
 
@@ -538,18 +553,25 @@ CudaBackend::InputLayout CudaBackend::MakeLayout(int32_t n, int32_t seqs, int32_
 }
 
 Status CudaBackend::EnsureInputBuffers(size_t bytes) {
-  if (bytes <= in_bytes_) return Status::Ok();
+  const size_t cap = std::max<size_t>(bytes * 2, 1 << 20);
+  Staging& st = staging_[cur_];
+  if (bytes > st.in_cap) {
+    // Free: the step that used this staging last was waited for.
+    if (st.in) cudaFreeHost(st.in);
+    st.in = nullptr;
+    st.in_cap = 0;
+    QILIN_CUDA_RETURN(cudaMallocHost(&st.in, cap), "cudaMallocHost(step inputs)");
+    st.in_cap = cap;
+  }
+  if (bytes <= dev_in_cap_) return Status::Ok();
+  // The graphs and any launched step read dev_in_.
   QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before regrowing inputs");
   DropGraphs();
-  if (host_in_) cudaFreeHost(host_in_);
   if (dev_in_) cudaFree(dev_in_);
-  host_in_ = nullptr;
   dev_in_ = nullptr;
-  in_bytes_ = 0;
-  const size_t cap = std::max<size_t>(bytes * 2, 1 << 20);
-  QILIN_CUDA_RETURN(cudaMallocHost(&host_in_, cap), "cudaMallocHost(step inputs)");
+  dev_in_cap_ = 0;
   QILIN_CUDA_RETURN(cudaMalloc(&dev_in_, cap), "cudaMalloc(step inputs)");
-  in_bytes_ = cap;
+  dev_in_cap_ = cap;
   return Status::Ok();
 }
 
@@ -579,7 +601,8 @@ Status CudaBackend::RunStep(const InputLayout& il, const StepShape& s) {
   const auto* rows = reinterpret_cast<const int32_t*>(at(il.logits_rows));
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
 
-  QILIN_CUDA_RETURN(cuda::EmbeddingGather(embed_, hid, token_ids, n, x_, stream_), "embedding");
+  QILIN_CUDA_RETURN(cuda::EmbeddingGather(embed_, hid, token_ids, n, x_, stream_, previous_ids_),
+                    "embedding");
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const DevLayer& w = layers_[l];
     bf16_t* k_cache = kv_pool_ + 2 * l * layer_elems_;
@@ -724,27 +747,35 @@ Status CudaBackend::UploadSampleInputs(std::span<const DeviceSampleSpec> specs) 
   const size_t entries_b = Align(e * sizeof(cuda::SampleEntry));
   const size_t saved_b = Align(e * sizeof(float));
   const size_t bytes = params_b + entries_b + saved_b + m * sizeof(cuda::SampleRowOut);
-  if (bytes > sample_bytes_) {
+  const size_t cap = std::max<size_t>(bytes * 2, 1 << 16);
+  Staging& st = staging_[cur_];
+  if (bytes > st.sample_cap) {
+    // Free: the step that used this staging last was waited for.
+    if (st.sample) cudaFreeHost(st.sample);
+    st.sample = nullptr;
+    st.sample_cap = 0;
+    QILIN_CUDA_RETURN(cudaMallocHost(&st.sample, cap), "cudaMallocHost(sampling inputs)");
+    st.sample_cap = cap;
+  }
+  if (bytes > sample_dev_cap_) {
+    // A launched step's outputs are copied out of sample_dev_ before this sync returns.
     QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before regrowing sampling inputs");
-    if (sample_host_) cudaFreeHost(sample_host_);
     if (sample_dev_) cudaFree(sample_dev_);
-    sample_host_ = nullptr;
     sample_dev_ = nullptr;
-    sample_bytes_ = 0;
-    const size_t cap = std::max<size_t>(bytes * 2, 1 << 16);
-    QILIN_CUDA_RETURN(cudaMallocHost(&sample_host_, cap), "cudaMallocHost(sampling inputs)");
+    sample_dev_cap_ = 0;
     QILIN_CUDA_RETURN(cudaMalloc(&sample_dev_, cap), "cudaMalloc(sampling inputs)");
-    sample_bytes_ = cap;
+    sample_dev_cap_ = cap;
   }
   sample_entries_off_ = params_b;
   sample_saved_off_ = params_b + entries_b;
   sample_out_off_ = params_b + entries_b + saved_b;
-  std::memcpy(sample_host_, params.data(), m * sizeof(cuda::SampleRowParams));
-  std::memcpy(sample_host_ + sample_entries_off_, entries.data(),
+  st.out_off = sample_out_off_;
+  std::memcpy(st.sample, params.data(), m * sizeof(cuda::SampleRowParams));
+  std::memcpy(st.sample + sample_entries_off_, entries.data(),
               entries.size() * sizeof(cuda::SampleEntry));
-  QILIN_CUDA_RETURN(cudaMemcpyAsync(sample_dev_, sample_host_, sample_saved_off_,
-                                    cudaMemcpyHostToDevice, stream_),
-                    "cudaMemcpy(sampling inputs)");
+  QILIN_CUDA_RETURN(
+      cudaMemcpyAsync(sample_dev_, st.sample, sample_saved_off_, cudaMemcpyHostToDevice, stream_),
+      "cudaMemcpy(sampling inputs)");
   return Status::Ok();
 }
 
@@ -795,21 +826,29 @@ Status CudaBackend::CopyLogitsToHost(float* dst, int32_t rows) {
   return Status::Ok();
 }
 
-Status CudaBackend::SampleChunk(int32_t r0, int32_t rows,
-                                std::vector<DeviceSampleResult>* results) {
+Status CudaBackend::EnqueueSample(int32_t r0, int32_t rows) {
   const int64_t vocab = config_.vocab_size;
   auto* params = reinterpret_cast<const cuda::SampleRowParams*>(sample_dev_) + r0;
   auto* entries = reinterpret_cast<const cuda::SampleEntry*>(sample_dev_ + sample_entries_off_);
   auto* saved = reinterpret_cast<float*>(sample_dev_ + sample_saved_off_);
   auto* out_dev = reinterpret_cast<cuda::SampleRowOut*>(sample_dev_ + sample_out_off_) + r0;
-  auto* out_host = reinterpret_cast<cuda::SampleRowOut*>(sample_host_ + sample_out_off_) + r0;
-  QILIN_CUDA_RETURN(cuda::SampleRows(logits_, static_cast<int32_t>(vocab), rows, params, entries,
-                                     saved, out_dev, stream_),
-                    "sampling");
+  const Staging& st = staging_[cur_];
+  auto* out_host = reinterpret_cast<cuda::SampleRowOut*>(st.sample + st.out_off) + r0;
+  QILIN_CUDA_RETURN(
+      cuda::SampleRows(logits_, static_cast<int32_t>(vocab), rows, params, entries, saved, out_dev,
+                       stream_, r0 + rows <= act_tokens_ ? previous_ids_ + r0 : nullptr),
+      "sampling");
   QILIN_CUDA_RETURN(cudaMemcpyAsync(out_host, out_dev, rows * sizeof(cuda::SampleRowOut),
                                     cudaMemcpyDeviceToHost, stream_),
                     "cudaMemcpy(sampled tokens)");
-  QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sampling");
+  return Status::Ok();
+}
+
+Status CudaBackend::CollectSamples(int slot, int32_t r0, int32_t rows, bool logits_ready,
+                                   std::vector<DeviceSampleResult>* results) {
+  const int64_t vocab = config_.vocab_size;
+  const Staging& st = staging_[slot];
+  const auto* out_host = reinterpret_cast<const cuda::SampleRowOut*>(st.sample + st.out_off) + r0;
   for (int32_t r = 0; r < rows; ++r) {
     const cuda::SampleRowOut& o = out_host[r];
     DeviceSampleResult& res = (*results)[r0 + r];
@@ -819,6 +858,9 @@ Status CudaBackend::SampleChunk(int32_t r0, int32_t rows,
     for (int32_t j = 0; j < o.num_top; ++j) res.top.emplace_back(o.top_id[j], o.top_logprob[j]);
     res.on_host = o.status == cuda::kSampleNeedsHost;
     res.logits.clear();
+    if (res.on_host && !logits_ready) {
+      return Internal("sampled row {} needs the host sampler, but its logits are gone", r0 + r);
+    }
     if (res.on_host) {
       res.logits.resize(vocab);
       QILIN_CUDA_RETURN(cudaMemcpy(res.logits.data(), logits_ + static_cast<int64_t>(r) * vocab,
@@ -829,8 +871,22 @@ Status CudaBackend::SampleChunk(int32_t r0, int32_t rows,
   return Status::Ok();
 }
 
+Status CudaBackend::SampleChunk(int32_t r0, int32_t rows,
+                                std::vector<DeviceSampleResult>* results) {
+  QILIN_RETURN_IF_ERROR(EnqueueSample(r0, rows));
+  QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sampling");
+  return CollectSamples(cur_, r0, rows, /*logits_ready=*/true, results);
+}
+
+Status CudaBackend::CheckNoLaunchedSteps(const char* what) const {
+  if (launched_.empty()) return Status::Ok();
+  return FailedPrecondition("{}: {} launched steps are not waited for (WaitForwardSample first)",
+                            what, launched_.size());
+}
+
 Status CudaBackend::SampleLogits(const float* logits, std::span<const DeviceSampleSpec> specs,
                                  std::vector<DeviceSampleResult>* results) {
+  QILIN_RETURN_IF_ERROR(CheckNoLaunchedSteps("SampleLogits"));
   const int32_t m = static_cast<int32_t>(specs.size());
   QILIN_RETURN_IF_ERROR(EnsureActivations(std::max<int32_t>(1, planned_tokens_)));
   results->assign(m, DeviceSampleResult{});
@@ -844,11 +900,12 @@ Status CudaBackend::SampleLogits(const float* logits, std::span<const DeviceSamp
         "cudaMemcpy(logits)");
     QILIN_RETURN_IF_ERROR(SampleChunk(r0, rc, results));
   }
+  previous_rows_ = 0;
   return Status::Ok();
 }
 
 Status CudaBackend::Forward(const ForwardBatch& batch, std::vector<float>* logits) {
-  return ForwardImpl(batch, logits, {}, nullptr);
+  return ForwardImpl(batch, logits, {}, nullptr, false);
 }
 
 Status CudaBackend::ForwardSample(const ForwardBatch& batch,
@@ -859,13 +916,52 @@ Status CudaBackend::ForwardSample(const ForwardBatch& batch,
     return InvalidArgument("ForwardSample: {} sampling specs for {} logits rows", specs.size(),
                            batch.logits_indices.size());
   }
-  return ForwardImpl(batch, nullptr, specs, results);
+  return ForwardImpl(batch, nullptr, specs, results, false);
+}
+
+Status CudaBackend::LaunchForwardSample(const ForwardBatch& batch,
+                                        std::span<const DeviceSampleSpec> specs) {
+  if (tp()) return Unimplemented("LaunchForwardSample: not with tensor parallelism");
+  if (specs.size() != batch.logits_indices.size()) {
+    return InvalidArgument("LaunchForwardSample: {} sampling specs for {} logits rows",
+                           specs.size(), batch.logits_indices.size());
+  }
+  if (static_cast<int>(launched_.size()) >= kMaxLaunchedSteps) {
+    return FailedPrecondition("LaunchForwardSample: {} steps are launched and not waited for",
+                              launched_.size());
+  }
+  for (size_t r = 0; r < specs.size(); ++r) {
+    if (!specs[r].greedy && specs[r].top_p < 1.0f) {
+      return InvalidArgument(
+          "LaunchForwardSample: row {} has top_p {} (a launched step cannot hand its logits to "
+          "the host sampler; use ForwardSample)",
+          r, specs[r].top_p);
+    }
+  }
+  return ForwardImpl(batch, nullptr, specs, nullptr, true);
+}
+
+Status CudaBackend::WaitForwardSample(std::vector<DeviceSampleResult>* results) {
+  if (launched_.empty()) return FailedPrecondition("WaitForwardSample: no launched step");
+  const int slot = launched_.front();
+  launched_.pop_front();
+  Staging& st = staging_[slot];
+  QILIN_CUDA_RETURN(cudaEventSynchronize(st.done), "launched step");
+  results->assign(st.rows, DeviceSampleResult{});
+  QILIN_RETURN_IF_ERROR(CollectSamples(slot, 0, st.rows, /*logits_ready=*/false, results));
+  if (step_timing_) {
+    float ms = 0;
+    QILIN_CUDA_RETURN(cudaEventElapsedTime(&ms, st.begin, st.end), "step timing");
+    last_step_gpu_ms_ = ms;
+  }
+  return Status::Ok();
 }
 
 Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* logits,
                                 std::span<const DeviceSampleSpec> specs,
-                                std::vector<DeviceSampleResult>* results) {
-  QILIN_RETURN_IF_ERROR(ValidateForwardBatch(batch, config_, layout_));
+                                std::vector<DeviceSampleResult>* results, bool launch) {
+  if (!launch) QILIN_RETURN_IF_ERROR(CheckNoLaunchedSteps("Forward"));
+  QILIN_RETURN_IF_ERROR(ValidateForwardBatch(batch, config_, layout_, launch ? previous_rows_ : 0));
   const ModelConfig& c = config_;
   const int32_t n = batch.num_tokens(), seqs = batch.num_seqs();
   const int32_t bs = layout_.block_size;
@@ -966,7 +1062,7 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
   QILIN_RETURN_IF_ERROR(EnsureInputBuffers(il.end));
 
   // Fill the pinned staging buffer.
-  char* h = host_in_;
+  char* h = staging_[cur_].in;
   auto i32 = [&](size_t off) { return reinterpret_cast<int32_t*>(h + off); };
   for (int32_t t = 0; t < n_pad; ++t) {
     const bool real = t < n;
@@ -1002,7 +1098,7 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
   std::copy(scales.begin(), scales.end(), reinterpret_cast<float*>(h + il.attn_scale));
   std::copy(tables.begin(), tables.end(), reinterpret_cast<float*>(h + il.inv_freq));
   const size_t used = il.inv_freq + tables.size() * sizeof(float);
-  QILIN_CUDA_RETURN(cudaMemcpyAsync(dev_in_, host_in_, used, cudaMemcpyHostToDevice, stream_),
+  QILIN_CUDA_RETURN(cudaMemcpyAsync(dev_in_, h, used, cudaMemcpyHostToDevice, stream_),
                     "cudaMemcpy(step inputs)");
 
   StepShape shape;
@@ -1012,17 +1108,22 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
   shape.tiles = static_cast<int32_t>(tile_list.size());
   shape.max_splits = max_splits;
   shape.logn = c.use_logn_attn;
-  const bool sample = results != nullptr;
+  const bool sample = results != nullptr || launch;
   if (sample) {
-    results->assign(m, DeviceSampleResult{});
+    if (results) results->assign(m, DeviceSampleResult{});
     QILIN_RETURN_IF_ERROR(UploadSampleInputs(specs));
   } else if (logits != nullptr) {
     logits->resize(static_cast<size_t>(m) * c.vocab_size);
   }
   // Step timing: events outside any capture, around the layers and lm_head.
+  Staging& stage = staging_[cur_];
   auto timed = [&](bool end) -> Status {
-    if (step_begin_ == nullptr) return Status::Ok();
-    return cuda::CudaStatus(cudaEventRecord(end ? step_end_ : step_begin_, stream_), "step timing");
+    if (!step_timing_) return Status::Ok();
+    return cuda::CudaStatus(cudaEventRecord(end ? stage.end : stage.begin, stream_), "step timing");
+  };
+  // Sampling: now (waiting for the rows), or enqueued for WaitForwardSample.
+  auto sample_rows = [&](int32_t r0, int32_t rows) {
+    return launch ? EnqueueSample(r0, rows) : SampleChunk(r0, rows, results);
   };
   if (bucket > 0) {
     shape.rows = bucket;
@@ -1049,7 +1150,7 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
       QILIN_RETURN_IF_ERROR(timed(true));
     }
     if (m > 0 && sample) {
-      QILIN_RETURN_IF_ERROR(SampleChunk(0, m, results));
+      QILIN_RETURN_IF_ERROR(sample_rows(0, m));
     } else if (m > 0 && logits != nullptr) {
       QILIN_RETURN_IF_ERROR(CopyLogitsToHost(logits->data(), m));
     }
@@ -1069,7 +1170,7 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
         QILIN_RETURN_IF_ERROR(LmHead(rc));
       }
       if (sample) {
-        QILIN_RETURN_IF_ERROR(SampleChunk(r0, rc, results));
+        QILIN_RETURN_IF_ERROR(sample_rows(r0, rc));
         continue;
       }
       if (logits == nullptr) continue;  // a tensor-parallel rank other than 0
@@ -1077,10 +1178,18 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
           CopyLogitsToHost(logits->data() + static_cast<size_t>(r0) * c.vocab_size, rc));
     }
   }
+  previous_rows_ = sample && m <= act_tokens_ ? m : 0;
+  if (launch) {
+    QILIN_CUDA_RETURN(cudaEventRecord(stage.done, stream_), "cudaEventRecord");
+    stage.rows = m;
+    launched_.push_back(cur_);
+    cur_ ^= 1;
+    return Status::Ok();
+  }
   QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "Forward");
-  if (step_begin_ != nullptr) {
+  if (step_timing_) {
     float ms = 0;
-    QILIN_CUDA_RETURN(cudaEventElapsedTime(&ms, step_begin_, step_end_), "step timing");
+    QILIN_CUDA_RETURN(cudaEventElapsedTime(&ms, stage.begin, stage.end), "step timing");
     last_step_gpu_ms_ = ms;
   }
   return Status::Ok();

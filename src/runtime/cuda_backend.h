@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <deque>
 #include <map>
 #include <memory>
 #include <span>
@@ -78,6 +79,10 @@ class CudaBackend : public Backend {
   bool SupportsDeviceSampling() const override { return !tp(); }
   Status ForwardSample(const ForwardBatch& batch, std::span<const DeviceSampleSpec> specs,
                        std::vector<DeviceSampleResult>* results) override;
+  bool SupportsLaunchedSteps() const override { return !tp(); }
+  Status LaunchForwardSample(const ForwardBatch& batch,
+                             std::span<const DeviceSampleSpec> specs) override;
+  Status WaitForwardSample(std::vector<DeviceSampleResult>* results) override;
   Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) override;
 
   // Rank of a tensor-parallel group (CudaBackendOptions::tp_comm).
@@ -100,7 +105,8 @@ class CudaBackend : public Backend {
   // launch, or the eager launches of the first logits chunk), so that a caller can set the GPU's
   // part of a step beside its wall time (inputs built and uploaded, sampling, the host's share).
   Status SetStepTiming(bool on);
-  // GPU milliseconds of the last step's layers + lm_head; 0 without step timing.
+  // GPU milliseconds of the last step's layers + lm_head (launched steps: the last one waited
+  // for); 0 without step timing.
   double LastStepGpuMs() const { return last_step_gpu_ms_; }
   // Switches CudaBackendOptions::decode_attention_mma (drops the captured graphs).
   Status SetDecodeAttentionMma(bool on);
@@ -134,6 +140,7 @@ class CudaBackend : public Backend {
   int64_t ActivationBytes(int32_t max_tokens) const;
   InputLayout MakeLayout(int32_t n, int32_t seqs, int32_t stride, int32_t rows, int32_t tiles,
                          int32_t tables) const;
+  // Room for `bytes` of step inputs on the device and in the current staging.
   Status EnsureInputBuffers(size_t bytes);
   // Runs embedding .. lm_head for the inputs already on the device at `il`.
   Status RunStep(const InputLayout& il, const StepShape& shape);
@@ -144,22 +151,34 @@ class CudaBackend : public Backend {
   // The sum over ranks of y_ rows [0, n) (tensor parallelism; nothing otherwise).
   Status TpAllReduce(float* y, int64_t n);
   void DropGraphs();
+  // Forward (logits), ForwardSample (results) or, with `launch`, LaunchForwardSample (results
+  // null, filled by WaitForwardSample).
   Status ForwardImpl(const ForwardBatch& batch, std::vector<float>* logits,
                      std::span<const DeviceSampleSpec> specs,
-                     std::vector<DeviceSampleResult>* results);
-  // Sampling inputs of a step: per-row parameters and processor entries, to the device.
+                     std::vector<DeviceSampleResult>* results, bool launch);
+  // Sampling inputs of a step: per-row parameters and processor entries, to the device (through
+  // the current staging).
   Status UploadSampleInputs(std::span<const DeviceSampleSpec> specs);
   // Copies logits_ rows [0, rows) to `dst` through two pinned staging pieces: the DMA of one
   // (pinned: ~50 GB/s; straight into pageable memory: ~9 GB/s on the H100) overlaps the host
   // threads copying the previous one out. Returns when `dst` is filled.
   Status CopyLogitsToHost(float* dst, int32_t rows);
-  // Samples logits_ rows [0, rows) as specs rows [r0, r0 + rows) and fills their results.
+  // Samples logits_ rows [0, rows) as specs rows [r0, r0 + rows): the kernel, its tokens into
+  // previous_ids_ and its outputs to the current staging, all enqueued.
+  Status EnqueueSample(int32_t r0, int32_t rows);
+  // Fills results rows [r0, r0 + rows) from staging `slot` (its outputs must be on the host);
+  // with `logits_ready` (logits_ still holds these rows) a row handed back gets its raw logits.
+  Status CollectSamples(int slot, int32_t r0, int32_t rows, bool logits_ready,
+                        std::vector<DeviceSampleResult>* results);
+  // EnqueueSample, wait, CollectSamples.
   Status SampleChunk(int32_t r0, int32_t rows, std::vector<DeviceSampleResult>* results);
+  // Refuses a synchronous step while launched steps are not waited for.
+  Status CheckNoLaunchedSteps(const char* what) const;
 
   ModelConfig config_;
   CudaBackendOptions options_;
   cudaStream_t stream_ = nullptr;
-  cudaEvent_t step_begin_ = nullptr, step_end_ = nullptr;  // SetStepTiming
+  bool step_timing_ = false;
   double last_step_gpu_ms_ = 0;
   cuda::Gemm gemm_;
   std::vector<void*> allocations_;      // weights and the KV pool
@@ -187,16 +206,32 @@ class CudaBackend : public Backend {
   // [world_size, kLogitsChunk rows, vocab_per_rank].
   float *tp_logits_ = nullptr, *tp_gathered_ = nullptr;
 
-  // Step inputs: pinned host staging and the device copy.
-  char* host_in_ = nullptr;
-  char* dev_in_ = nullptr;
-  size_t in_bytes_ = 0;
+  // The host side of a step (pinned): its inputs, its sampling inputs and outputs ([rows]
+  // SampleRowParams, [entries] SampleEntry, [entries] saved floats, [rows] SampleRowOut, as on
+  // the device), the event its outputs are on the host at, and its timing events. Two, used in
+  // turn, so that a launched step's staging is untouched while the host fills the next step's.
+  struct Staging {
+    char* in = nullptr;
+    size_t in_cap = 0;
+    char* sample = nullptr;
+    size_t sample_cap = 0;
+    size_t out_off = 0;
+    int32_t rows = 0;
+    cudaEvent_t done = nullptr, begin = nullptr, end = nullptr;
+  };
+  Staging staging_[2];
+  int cur_ = 0;               // the staging of the step being built
+  std::deque<int> launched_;  // stagings of launched steps not yet waited for, oldest first
+  // Tokens the last step sampled, per row (PreviousRowToken); previous_rows_ of them are valid.
+  int32_t* previous_ids_ = nullptr;
+  int32_t previous_rows_ = 0;
 
-  // Device sampling: [rows] SampleRowParams, [entries] SampleEntry, [entries] saved floats,
-  // [rows] SampleRowOut; pinned host staging of the same layout.
-  char* sample_host_ = nullptr;
+  // Step inputs on the device.
+  char* dev_in_ = nullptr;
+  size_t dev_in_cap_ = 0;
+  // Device sampling inputs and outputs (Staging's layout).
   char* sample_dev_ = nullptr;
-  size_t sample_bytes_ = 0;
+  size_t sample_dev_cap_ = 0;
   size_t sample_entries_off_ = 0, sample_saved_off_ = 0, sample_out_off_ = 0;
   std::vector<int32_t> entry_flags_, entry_out_;
   // Pinned staging of the logits copied to the host, two pieces of about kStageBytes.

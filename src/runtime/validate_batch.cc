@@ -5,7 +5,7 @@
 namespace qilin {
 
 Status ValidateForwardBatch(const ForwardBatch& b, const ModelConfig& config,
-                            const KvCacheLayout& layout) {
+                            const KvCacheLayout& layout, int32_t previous_rows) {
   const int64_t num_slots = static_cast<int64_t>(layout.num_blocks) * layout.block_size;
   if (num_slots == 0) return FailedPrecondition("Forward: the KV cache is not allocated");
   const int64_t n = b.num_tokens();
@@ -94,9 +94,17 @@ Status ValidateForwardBatch(const ForwardBatch& b, const ModelConfig& config,
     }
   }
   for (int64_t t = 0; t < n; ++t) {
-    if (b.token_ids[t] < 0 || b.token_ids[t] >= config.vocab_size) {
-      return InvalidArgument("batch: token_ids[{}] = {} is outside the vocabulary [0, {})", t,
-                             b.token_ids[t], config.vocab_size);
+    const int32_t id = b.token_ids[t];
+    if (id < 0 && Backend::PreviousRowOf(id) < previous_rows) continue;
+    if (id < 0 || id >= config.vocab_size) {
+      if (id < 0 && previous_rows > 0) {
+        return InvalidArgument(
+            "batch: token_ids[{}] = {} stands for row {} of the previous step, which sampled {} "
+            "rows",
+            t, id, Backend::PreviousRowOf(id), previous_rows);
+      }
+      return InvalidArgument("batch: token_ids[{}] = {} is outside the vocabulary [0, {})", t, id,
+                             config.vocab_size);
     }
   }
   for (size_t i = 0; i < b.logits_indices.size(); ++i) {

@@ -15,9 +15,11 @@
 namespace qilin {
 
 // InvalidArgument naming the field, index and value; FailedPrecondition when the pool is empty.
-// The same rules as CpuBackend::ValidateBatch.
+// The same rules as CpuBackend::ValidateBatch. `previous_rows` > 0 (a launched step,
+// Backend::LaunchForwardSample) also admits the token ids Backend::PreviousRowToken(r) for r in
+// [0, previous_rows).
 Status ValidateForwardBatch(const ForwardBatch& batch, const ModelConfig& config,
-                            const KvCacheLayout& layout);
+                            const KvCacheLayout& layout, int32_t previous_rows = 0);
 
 // Backend::CopyKvBlocks' pairs: InvalidArgument naming the first block outside the pool.
 Status ValidateBlockPairs(const std::vector<std::pair<int32_t, int32_t>>& src_dst,

@@ -279,6 +279,126 @@ TEST(CudaBackend, StepTimingReportsGpuTime) {
   EXPECT_EQ((*be)->LastStepGpuMs(), 0.0);
 }
 
+// Launched steps (LaunchForwardSample / WaitForwardSample) with the decode tokens given as
+// PreviousRowToken placeholders, each step launched before the previous one is waited for,
+// sample exactly what ForwardSample steps with the real tokens sample: the same tokens and
+// logprobs bit for bit, through an eager prefill, graph decode steps, a sequence joining with a
+// prefill mid-way (eager again) and seeded top-k sampling. Then the misuse errors.
+TEST(CudaBackend, LaunchedStepsWithPlaceholdersEqualForwardSample) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig config = SmallConfig(64, false);
+  auto weights = MakeDummyWeights(config, DType::kBF16, 31, 0.05f, 0.1f);
+  ASSERT_TRUE(weights.ok()) << weights.status().ToString();
+  auto ref = CudaBackend::Create(config, *weights);
+  auto run = CudaBackend::Create(config, std::move(weights).value());
+  ASSERT_TRUE(ref.ok() && run.ok());
+  ASSERT_TRUE((*run)->SupportsLaunchedSteps());
+  const int32_t bs = 16;
+  ASSERT_TRUE((*ref)->AllocateKvCache({64, bs}).ok());
+  ASSERT_TRUE((*run)->AllocateKvCache({64, bs}).ok());
+  std::mt19937 rng(13);
+  auto prompt = [&](int n) {
+    Seq s;
+    for (int i = 0; i < n; ++i) s.tokens.push_back(static_cast<int32_t>(rng() % config.vocab_size));
+    return s;
+  };
+  Seq a = prompt(23), b = prompt(40), c = prompt(57);
+  auto spec_for = [&](const std::vector<int32_t>& tokens, int row) {
+    DeviceSampleSpec d;
+    d.greedy = row != 1;  // row 1: seeded top-k sampling
+    d.temperature = 0.8f;
+    d.top_k = 12;
+    d.logprobs = 2;
+    d.tokens = tokens;
+    d.prompt_len = 10;
+    d.seed = 99;
+    d.counter = tokens.size();
+    return d;
+  };
+  // The reference trajectory: real tokens, ForwardSample.
+  int32_t next_block = 0;
+  std::vector<ForwardBatch> batches;
+  std::vector<std::vector<DeviceSampleSpec>> specs;
+  std::vector<std::vector<DeviceSampleResult>> want;
+  std::vector<std::vector<Seq*>> rows;        // each step's sequences, in row order
+  std::vector<std::vector<int32_t>> history;  // specs' token spans point here
+  history.reserve(200);
+  for (int step = 0; step < 40; ++step) {
+    std::vector<Seq*> seqs = {&a, &b};
+    std::vector<int32_t> take = {step == 0 ? 23 : 1, step == 0 ? 40 : 1};
+    if (step >= 12) {
+      seqs.push_back(&c);
+      take.push_back(step == 12 ? 57 : 1);
+    }
+    std::vector<DeviceSampleSpec> sp;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      history.push_back(seqs[i]->tokens);
+      sp.push_back(spec_for(history.back(), static_cast<int>(i)));
+    }
+    batches.push_back(Pack(seqs, take, bs, &next_block));
+    want.emplace_back();
+    Status st = (*ref)->ForwardSample(batches.back(), sp, &want.back());
+    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st.ToString();
+    for (size_t i = 0; i < seqs.size(); ++i) seqs[i]->tokens.push_back(want.back()[i].token);
+    specs.push_back(std::move(sp));
+    rows.push_back(seqs);
+  }
+  // Replayed launched: a decode row's token is the previous step's row of its sequence.
+  std::vector<DeviceSampleResult> got;
+  auto check = [&](size_t k) {
+    ASSERT_TRUE((*run)->WaitForwardSample(&got).ok());
+    ASSERT_EQ(got.size(), want[k].size());
+    for (size_t r = 0; r < got.size(); ++r) {
+      EXPECT_EQ(got[r].token, want[k][r].token) << "step " << k << " row " << r;
+      EXPECT_EQ(got[r].logprob, want[k][r].logprob) << "step " << k << " row " << r;
+      EXPECT_EQ(got[r].top, want[k][r].top) << "step " << k << " row " << r;
+      EXPECT_FALSE(got[r].on_host);
+    }
+  };
+  int placeholders = 0;
+  for (size_t k = 0; k < batches.size(); ++k) {
+    ForwardBatch lb = batches[k];
+    for (size_t i = 0; k > 0 && i < rows[k].size(); ++i) {
+      if (lb.query_start[i + 1] - lb.query_start[i] != 1) continue;  // a prefill
+      for (size_t r = 0; r < rows[k - 1].size(); ++r) {
+        if (rows[k - 1][r] != rows[k][i]) continue;
+        lb.token_ids[lb.query_start[i]] = Backend::PreviousRowToken(static_cast<int32_t>(r));
+        ++placeholders;
+      }
+    }
+    Status st = (*run)->LaunchForwardSample(lb, specs[k]);
+    ASSERT_TRUE(st.ok()) << "step " << k << ": " << st.ToString();
+    if (k > 0) check(k - 1);
+  }
+  check(batches.size() - 1);
+  EXPECT_GT(placeholders, 80);
+  EXPECT_GE((*run)->NumGraphs(), 1);
+  // Misuse: a third launch, a synchronous step or a timing switch while launched steps wait.
+  ForwardBatch one = Pack({&a}, {1}, bs, &next_block);
+  const DeviceSampleSpec sa = spec_for(a.tokens, 0);
+  ASSERT_TRUE((*run)->LaunchForwardSample(one, {&sa, 1}).ok());
+  ASSERT_TRUE((*run)->LaunchForwardSample(one, {&sa, 1}).ok());
+  EXPECT_EQ((*run)->LaunchForwardSample(one, {&sa, 1}).code(), StatusCode::kFailedPrecondition);
+  std::vector<float> logits;
+  EXPECT_EQ((*run)->Forward(one, &logits).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*run)->SetStepTiming(true).code(), StatusCode::kFailedPrecondition);
+  ASSERT_TRUE((*run)->WaitForwardSample(&got).ok());
+  ASSERT_TRUE((*run)->WaitForwardSample(&got).ok());
+  EXPECT_EQ((*run)->WaitForwardSample(&got).code(), StatusCode::kFailedPrecondition);
+  // A placeholder past the previous step's rows (it sampled one), and top-p sampling.
+  ForwardBatch bad = one;
+  bad.token_ids[0] = Backend::PreviousRowToken(1);
+  Status st = (*run)->LaunchForwardSample(bad, {&sa, 1});
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("row 1 of the previous step"), std::string::npos) << st.ToString();
+  DeviceSampleSpec nucleus = sa;
+  nucleus.greedy = false;
+  nucleus.top_p = 0.9f;
+  EXPECT_EQ((*run)->LaunchForwardSample(one, {&nucleus, 1}).code(), StatusCode::kInvalidArgument);
+  // Synchronous steps still run once nothing is launched.
+  EXPECT_TRUE((*run)->ForwardSample(one, {&sa, 1}, &got).ok());
+}
+
 TEST(CudaBackend, KvSizingAndErrors) {
   SKIP_WITHOUT_GPU();
   const ModelConfig config = SmallConfig(64, false);

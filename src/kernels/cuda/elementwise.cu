@@ -34,11 +34,14 @@ __device__ float BlockSum(float v) {
 }
 
 // One block per row: reads dim * 2 bytes, writes dim * 4.
-__global__ void EmbeddingKernel(const bf16_t* table, int64_t dim, const int32_t* ids, float* x) {
+__global__ void EmbeddingKernel(const bf16_t* table, int64_t dim, const int32_t* ids,
+                                const int32_t* previous, float* x) {
   PdlLaunchDependents();
   PdlWait();
   const int64_t row = blockIdx.x;
-  const int64_t src = static_cast<int64_t>(ids[row]) * dim;
+  int32_t id = ids[row];
+  if (id < 0) id = previous ? previous[-1 - id] : 0;
+  const int64_t src = static_cast<int64_t>(max(id, 0)) * dim;
   for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) x[row * dim + j] = Ld(table, src + j);
 }
 
@@ -296,10 +299,10 @@ int GridFor(int64_t total, int threads) {
 }  // namespace
 
 cudaError_t EmbeddingGather(const bf16_t* table, int64_t dim, const int32_t* ids, int64_t n,
-                            float* x, cudaStream_t stream) {
+                            float* x, cudaStream_t stream, const int32_t* previous) {
   if (n == 0) return cudaSuccess;
   return LaunchPdl(EmbeddingKernel, dim3(static_cast<unsigned>(n)), dim3(256), 0, stream, table,
-                   dim, ids, x);
+                   dim, ids, previous, x);
 }
 
 cudaError_t AddRmsNorm(float* x, const float* y, const int32_t* rows, int64_t n, int64_t dim,

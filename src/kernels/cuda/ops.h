@@ -12,9 +12,11 @@ namespace qilin::cuda {
 
 using bf16_t = uint16_t;  // raw bf16 bits on the host side of the interface
 
-// x[i, :] = float(table[ids[i], :]); table [vocab, dim] bf16. Reads n * dim * 2 bytes.
+// x[i, :] = float(table[ids[i], :]); table [vocab, dim] bf16. Reads n * dim * 2 bytes. With
+// `previous` (may be null), an id < 0 stands for previous[-1 - id] (the token a launched step
+// sampled for that row, Backend::PreviousRowToken); one still < 0 there (no token) reads row 0.
 cudaError_t EmbeddingGather(const bf16_t* table, int64_t dim, const int32_t* ids, int64_t n,
-                            float* x, cudaStream_t stream);
+                            float* x, cudaStream_t stream, const int32_t* previous = nullptr);
 
 // Fused residual add + RMSNorm, one block per row: if `y` is not null, x[i, :] += y[i, :] (y f32,
 // the GEMM output),

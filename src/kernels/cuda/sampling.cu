@@ -171,7 +171,7 @@ __device__ int SelectTop(const float* x, int32_t vocab, int k, Shared& sh) {
 // One block per row; see SampleRows.
 __global__ void __launch_bounds__(kThreads)
     SampleRowsKernel(float* logits, int32_t vocab, const SampleRowParams* params,
-                     const SampleEntry* entries, float* saved, SampleRowOut* out) {
+                     const SampleEntry* entries, float* saved, SampleRowOut* out, int32_t* ids) {
   __shared__ Shared sh;
   const int tid = threadIdx.x;
   const SampleRowParams p = params[blockIdx.x];
@@ -406,6 +406,7 @@ __global__ void __launch_bounds__(kThreads)
   if (tid == 0) {
     o.token = token;
     o.status = status;
+    if (ids) ids[blockIdx.x] = status == kSampleNeedsHost ? -1 : token;
     o.logprob =
         p.logprobs >= 0 ? static_cast<float>(static_cast<double>(sh.raw_chosen) - lse) : 0.0f;
   }
@@ -415,9 +416,9 @@ __global__ void __launch_bounds__(kThreads)
 
 cudaError_t SampleRows(float* logits, int32_t vocab, int32_t rows, const SampleRowParams* params,
                        const SampleEntry* entries, float* saved, SampleRowOut* out,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, int32_t* ids) {
   if (rows <= 0) return cudaSuccess;
-  SampleRowsKernel<<<rows, kThreads, 0, stream>>>(logits, vocab, params, entries, saved, out);
+  SampleRowsKernel<<<rows, kThreads, 0, stream>>>(logits, vocab, params, entries, saved, out, ids);
   return cudaGetLastError();
 }
 

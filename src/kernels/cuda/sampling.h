@@ -55,9 +55,11 @@ struct SampleRowOut {
 
 // Samples `rows` rows of `logits` [rows, vocab] (overwritten by the processors, restored for rows
 // handed back). `saved` holds [total entries] floats of scratch. Reads each row 1 (greedy) to
-// about 8 times (top-k/top-p candidate selection); writes sizeof(SampleRowOut) per row.
+// about 8 times (top-k/top-p candidate selection); writes sizeof(SampleRowOut) per row, and
+// with `ids` (may be null) each row's token again into ids[row] (-1 for a row handed back), the
+// ids a next step's EmbeddingGather reads as `previous`.
 cudaError_t SampleRows(float* logits, int32_t vocab, int32_t rows, const SampleRowParams* params,
                        const SampleEntry* entries, float* saved, SampleRowOut* out,
-                       cudaStream_t stream);
+                       cudaStream_t stream, int32_t* ids = nullptr);
 
 }  // namespace qilin::cuda
