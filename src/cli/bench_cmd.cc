@@ -30,6 +30,7 @@ namespace {
 struct BenchOptions {
   std::string model_dir;
   bool dummy_weights = false;
+  bool no_overlap = false;
   std::string device = "auto";
   TpFlags tpf;  // in-process: tensor parallel ranks and where they run
   std::string url;
@@ -97,6 +98,7 @@ int RunBench(BenchOptions o) {
           OrThrow(MakeBackend(o.device, config, OrThrow(LoadModelWeights(config, o.model_dir))));
     }
     EngineConfig ec;
+    ec.overlap_steps = !o.no_overlap;
     ec.max_batch_size = o.max_batch_size;
     ec.max_num_tokens = o.max_num_tokens;
     ec.kv_cache_tokens = o.kv_cache_tokens;
@@ -172,6 +174,9 @@ RegisterCommand reg(
       sub.add_flag("--dummy-weights", o->dummy_weights,
                    "in-process: random weights from config.json");
       sub.add_option("--device", o->device, "in-process: cpu, cuda or auto")->capture_default_str();
+      sub.add_flag("--no-overlap", o->no_overlap,
+                   "in-process: run engine steps one at a time (no host work overlapped with the "
+                   "device's step)");
       AddTpFlags(sub, &o->tpf, "in-process: tensor parallel ranks (one GPU each on cuda)");
       sub.add_option("--url", o->url, "a running server's HTTP URL (OpenAI streaming completions)");
       sub.add_option("--grpc", o->grpc,

@@ -48,6 +48,7 @@ struct ServeOptions {
   double kv_cache_free_mem_fraction = 0.9;
   int32_t block_size = 32;
   bool no_prefix_cache = false;
+  bool no_overlap = false;
   int64_t max_model_len = 0;
   int32_t max_queue = 1024;
   int http_threads = 2;
@@ -258,6 +259,7 @@ int RunServe(ServeOptions o) {
   po.engine.kv_cache_memory_fraction = o.kv_cache_free_mem_fraction;
   po.engine.block_size = o.block_size;
   po.engine.enable_prefix_caching = !o.no_prefix_cache;
+  po.engine.overlap_steps = !o.no_overlap;
   if (from_repo) {
     const server::RepositorySettings& rs = repo.settings;
     if (rs.max_batch_size > 0) po.engine.max_batch_size = rs.max_batch_size;
@@ -457,6 +459,9 @@ RegisterCommand reg(
       sub.add_option("--block-size", o->block_size, "tokens per KV block")->capture_default_str();
       sub.add_flag("--no-prefix-cache", o->no_prefix_cache,
                    "do not share KV blocks between requests by prefix");
+      sub.add_flag("--no-overlap", o->no_overlap,
+                   "run engine steps one at a time (by default the host prepares step N+1 while "
+                   "the GPU runs step N)");
       sub.add_option("--max-model-len", o->max_model_len,
                      "prompt + output limit (0: from config.json)")
           ->capture_default_str();

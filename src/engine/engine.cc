@@ -230,6 +230,8 @@ void Engine::DrainInbox() {
       for (const auto& st : it.add->request.sampling.stop) {
         max_stop_len_ = std::max<int32_t>(max_stop_len_, static_cast<int32_t>(st.size()));
       }
+      it.add->overlap_ok = OverlapOk(it.add->request.sampling);
+      if (!it.add->overlap_ok) ++non_overlap_groups_;
       scheduler_->Add(std::move(it.add));
     } else if (auto g = scheduler_->Abort(it.cancel_id)) {
       AbortGroup(std::move(g), Status::Ok());
@@ -238,6 +240,7 @@ void Engine::DrainInbox() {
 }
 
 void Engine::AbortGroup(std::unique_ptr<SequenceGroup> g, const Status& status) {
+  if (!g->overlap_ok) --non_overlap_groups_;
   // Every output not yet finished gets an abort response (beams: all outputs).
   if (g->beam()) {
     const int32_t outputs =
@@ -269,7 +272,7 @@ void Engine::AbortGroup(std::unique_ptr<SequenceGroup> g, const Status& status) 
 
 bool Engine::HasWork() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return !inbox_.empty() || scheduler_->has_work();
+  return !inbox_.empty() || scheduler_->has_work() || launched_pending_.load();
 }
 
 void Engine::BuildBatch(const SchedulerOutput& out) {
@@ -305,17 +308,42 @@ void Engine::BuildBatch(const SchedulerOutput& out) {
   }
 }
 
+bool Engine::OverlapOk(const SamplingParams& p) const {
+  if (p.beam_width > 1 || p.n > 1 || p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f ||
+      p.frequency_penalty != 0.0f || !p.bad_words.empty()) {
+    return false;  // the host acts between steps, or the penalties read the pending token
+  }
+  if (!p.greedy() && p.top_p < 1.0f) return false;  // the device may hand the row back
+  return DeviceSamplingSupports(DeviceSpecOf(p), vocab_);
+}
+
+bool Engine::OverlapAllowed() const {
+  return config_.overlap_steps && config_.device_sampling && backend_.SupportsDeviceSampling() &&
+         backend_.SupportsLaunchedSteps() && non_overlap_groups_ == 0;
+}
+
 Status Engine::Step() {
   const int64_t t0 = NowNs();
   DrainInbox();
+  const bool overlap = OverlapAllowed();
+  if (!overlap && !launched_.empty()) {
+    // A request that needs the host between steps arrived: answer the launched step first.
+    Status st = FinishLaunched();
+    if (!st.ok()) {
+      PublishStats();
+      return st;
+    }
+  }
   SchedulerOutput out = scheduler_->Schedule();
   if (out.empty()) {
+    Status st = launched_.empty() ? Status::Ok() : FinishLaunched();
     PublishStats();
-    return Status::Ok();
+    return st;
   }
   BuildBatch(out);
+  schedule_ns_ += NowNs() - t0;
+  if (overlap) return LaunchStep(std::move(out));
   const int64_t t1 = NowNs();
-  schedule_ns_ += t1 - t0;
   Status st;
   const bool device = config_.device_sampling && backend_.SupportsDeviceSampling() &&
                       !batch_.logits_indices.empty() && BuildDeviceSpecs(out);
@@ -348,11 +376,112 @@ Status Engine::Step() {
 void Engine::FailAll(const SchedulerOutput& out, const Status& status) {
   std::vector<int64_t> ids;
   for (const ScheduledSeq& e : out.seqs) ids.push_back(e.group->id);
+  FailIds(std::move(ids), status);
+}
+
+void Engine::FailIds(std::vector<int64_t> ids, const Status& status) {
   std::sort(ids.begin(), ids.end());
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
   for (int64_t id : ids) {
     if (auto g = scheduler_->Abort(id)) AbortGroup(std::move(g), status);
   }
+}
+
+Status Engine::LaunchStep(SchedulerOutput out) {
+  const int64_t t0 = NowNs();
+  Status st;
+  if (batch_.logits_indices.empty()) {
+    device_specs_.clear();
+  } else if (!BuildDeviceSpecs(out)) {
+    st =
+        Internal("engine: a request admitted for overlapped steps cannot be sampled on the device");
+  }
+  if (st.ok() && !out.copies.empty()) st = backend_.CopyKvBlocks(out.copies);
+  if (st.ok()) st = backend_.LaunchForwardSample(batch_, device_specs_);
+  forward_ns_ += NowNs() - t0;
+  if (!st.ok()) {
+    spdlog::error("engine step failed: {}", st.ToString());
+    FailAll(out, st);
+    // The step launched before this one is answered (or failed) as usual.
+    if (!launched_.empty()) (void)FinishLaunched();
+    PublishStats();
+    return st;
+  }
+  if (!launched_.empty()) ++overlapped_steps_;
+  // The step's tokens count as computed now; each sampled row's token is a placeholder, which
+  // the next step may already read (the device resolves it) and FinishLaunched replaces.
+  LaunchedStep ls;
+  int32_t row = 0;
+  for (const ScheduledSeq& e : out.seqs) {
+    Sequence* s = e.seq;
+    s->num_computed += e.num_new_tokens;
+    ls.group_ids.push_back(e.group->id);
+    ls.context_end.push_back(s->num_computed);
+    if (!e.sample) continue;
+    s->tokens.push_back(Backend::PreviousRowToken(row++));
+    const int32_t len = static_cast<int32_t>(s->tokens.size());
+    if (len - e.group->prompt_len >= e.group->request.sampling.max_tokens ||
+        len >= config_.max_seq_len) {
+      s->final_pending = true;
+    }
+  }
+  ls.out = std::move(out);
+  launched_.push_back(std::move(ls));
+  launched_pending_ = true;
+  st = launched_.size() > 1 ? FinishLaunched() : Status::Ok();
+  PublishStats();
+  return st;
+}
+
+Status Engine::FinishLaunched() {
+  LaunchedStep ls = std::move(launched_.front());
+  launched_.pop_front();
+  launched_pending_ = !launched_.empty();
+  const int64_t t0 = NowNs();
+  Status st = backend_.WaitForwardSample(&device_results_);
+  const int64_t t1 = NowNs();
+  forward_ns_ += t1 - t0;
+  size_t rows = 0;
+  for (const ScheduledSeq& e : ls.out.seqs) rows += e.sample ? 1 : 0;
+  if (st.ok() && device_results_.size() != rows) {
+    st = Internal("backend {} returned {} sampled rows, expected {}", backend_.name(),
+                  device_results_.size(), rows);
+  }
+  if (!st.ok()) {
+    spdlog::error("engine step failed: {}", st.ToString());
+    FailIds(std::move(ls.group_ids), st);
+    return st;
+  }
+  int32_t row = 0;
+  for (size_t i = 0; i < ls.out.seqs.size(); ++i) {
+    const ScheduledSeq& e = ls.out.seqs[i];
+    const int32_t r = e.sample ? row++ : -1;
+    // Gone (finished, cancelled or failed since the launch): its row is dropped.
+    if (scheduler_->Find(ls.group_ids[i]) != e.group || e.seq->finished) continue;
+    SequenceGroup* g = e.group;
+    Sequence* s = e.seq;
+    const int32_t end = ls.context_end[i];
+    kv_->CommitFullBlocks(&s->kv, s->tokens, std::min(end, s->num_computed));
+    if (!e.sample) {
+      prefill_tokens_ += e.num_new_tokens;
+      continue;
+    }
+    if (e.num_new_tokens > 1) prefill_tokens_ += e.num_new_tokens - 1;
+    DeviceSampleResult& d = device_results_[r];
+    if (d.on_host || d.token < 0 || d.token >= vocab_) {
+      FailIds({g->id}, Internal("backend {} sampled no valid token for request {} (token {})",
+                                backend_.name(), g->id, d.token));
+      continue;
+    }
+    SampleResult res;
+    res.token = d.token;
+    res.logprob = d.logprob;
+    res.top = std::move(d.top);
+    Accept(g, s, res, end);
+  }
+  ReleaseFinished();
+  output_ns_ += NowNs() - t1;
+  return Status::Ok();
 }
 
 Status Engine::RunUntilIdle() {
@@ -501,17 +630,28 @@ void Engine::ProcessOutputs(const SchedulerOutput& out, bool device) {
       }
     }
   }
+  ReleaseFinished();
+  output_ns_ += NowNs() - t_sampled;
+}
+
+void Engine::ReleaseFinished() {
   for (SequenceGroup* g : finished_groups_) {
+    if (!g->overlap_ok) --non_overlap_groups_;
     std::unique_ptr<SequenceGroup> done = scheduler_->Abort(g->id);  // frees any rest
     ++requests_finished_;
   }
   finished_groups_.clear();
-  output_ns_ += NowNs() - t_sampled;
 }
 
-void Engine::Accept(SequenceGroup* g, Sequence* s, const SampleResult& r) {
+void Engine::Accept(SequenceGroup* g, Sequence* s, const SampleResult& r, int32_t at) {
   const SamplingParams& p = g->request.sampling;
-  s->tokens.push_back(r.token);
+  if (at < 0) {
+    s->tokens.push_back(r.token);
+    at = static_cast<int32_t>(s->tokens.size()) - 1;
+  } else {
+    s->tokens[at] = r.token;  // a launched step's placeholder
+  }
+  const int32_t len = at + 1;  // the sequence up to this token (an overlapped step may follow)
   s->cumulative_logprob += r.logprob;
   ++generated_tokens_;
   Response resp;
@@ -519,13 +659,12 @@ void Engine::Accept(SequenceGroup* g, Sequence* s, const SampleResult& r) {
   resp.seq_index = s->index;
   resp.token_ids.push_back(r.token);
   if (p.logprobs >= 0) resp.logprobs.push_back({r.token, r.logprob, r.top});
-  const int32_t generated = static_cast<int32_t>(s->tokens.size()) - g->prompt_len;
+  const int32_t generated = len - g->prompt_len;
   FinishReason reason = FinishReason::kNone;
   if (IsEos(*g, r.token) && generated >= p.min_tokens) reason = FinishReason::kStop;
   if (s->detok) {
     s->text += s->detok->Push(r.token);
-    if (reason != FinishReason::kNone || generated >= p.max_tokens ||
-        static_cast<int32_t>(s->tokens.size()) >= config_.max_seq_len) {
+    if (reason != FinishReason::kNone || generated >= p.max_tokens || len >= config_.max_seq_len) {
       s->text += s->detok->Flush();
     }
     // Stop strings: search the text not yet sent (plus an overlap for matches across it).
@@ -544,7 +683,7 @@ void Engine::Accept(SequenceGroup* g, Sequence* s, const SampleResult& r) {
       send_to = s->text.size();
       reason = FinishReason::kStop;
     } else if (reason != FinishReason::kNone || generated >= p.max_tokens ||
-               static_cast<int32_t>(s->tokens.size()) >= config_.max_seq_len) {
+               len >= config_.max_seq_len) {
       send_to = s->text.size();
     } else {
       // Hold back what could still be the start of a stop string.
@@ -556,12 +695,12 @@ void Engine::Accept(SequenceGroup* g, Sequence* s, const SampleResult& r) {
     s->emitted_text = send_to;
   }
   if (reason == FinishReason::kNone) {
-    if (generated >= p.max_tokens ||
-        static_cast<int32_t>(s->tokens.size()) >= config_.max_seq_len) {
+    if (generated >= p.max_tokens || len >= config_.max_seq_len) {
       reason = FinishReason::kLength;
     }
   }
   if (reason != FinishReason::kNone) {
+    s->tokens.resize(len);  // drops an overlapped step's placeholder after it
     s->finished = true;
     s->finish_reason = reason;
     resp.finish_reason = reason;
@@ -716,13 +855,14 @@ void Engine::PublishStats() {
   st.prefill_tokens = prefill_tokens_;
   st.generated_tokens = generated_tokens_;
   st.steps = scheduler_->stats().num_steps;
+  st.overlapped_steps = overlapped_steps_;
   st.preemptions = scheduler_->stats().num_preemptions;
   st.requests_finished = requests_finished_;
   st.schedule_ns = schedule_ns_;
   st.forward_ns = forward_ns_;
   st.sample_ns = sample_ns_;
   st.output_ns = output_ns_;
-  has_work_.store(scheduler_->has_work());
+  has_work_.store(scheduler_->has_work() || !launched_.empty());
   std::lock_guard<std::mutex> lock(stats_mu_);
   stats_ = st;
 }
@@ -745,7 +885,9 @@ void Engine::Loop() {
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stopping_ || !inbox_.empty() || scheduler_->has_work(); });
+      cv_.wait(lock, [&] {
+        return stopping_ || !inbox_.empty() || scheduler_->has_work() || launched_pending_.load();
+      });
       if (stopping_) return;
     }
     Status st = Step();
@@ -762,7 +904,9 @@ void Engine::Stop() {
   cv_.notify_all();
   if (loop_.joinable()) loop_.join();
   loop_running_ = false;
-  // Nobody steps any more: answer everything still queued or running with abort.
+  // Nobody steps any more: answer the launched steps' tokens, then everything still queued or
+  // running with abort.
+  while (!launched_.empty()) (void)FinishLaunched();
   DrainInbox();
   for (int64_t id : scheduler_->AllRequestIds()) {
     if (auto g = scheduler_->Abort(id)) AbortGroup(std::move(g), Unavailable("engine stopped"));

@@ -1,12 +1,22 @@
 // The inflight batching engine: Submit(Request) returns a stream of Responses; one loop thread
 // owns the scheduler, the KV manager and the sampler, and runs steps (schedule -> build the
 // packed ForwardBatch -> Backend::Forward -> sample -> stop checks -> responses). Submit and
-// Cancel cross one queue; Step() runs a step synchronously for deterministic tests.
+// Cancel cross one queue; Step() runs a step on the caller's thread for deterministic tests.
+//
+// Overlapped steps (EngineConfig::overlap_steps): with a backend that launches steps
+// (Backend::LaunchForwardSample), step N+1 is scheduled, built and launched while the device
+// still runs step N; then step N's tokens are taken and answered. Each sampled sequence gets a
+// placeholder token (Backend::PreviousRowToken) that the device resolves in step N+1 and the
+// engine replaces when step N is waited for. A sequence that stops in step N (eos, stop string)
+// had one more row in step N+1, which is dropped; one that step N ends by length is not
+// scheduled again. Requests that need the host between steps (beams, n > 1, penalties, bad
+// words, top_p < 1 with sampling) turn the overlap off while they are present.
 #pragma once
 
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -44,6 +54,8 @@ struct EngineConfig {
   // every row it samples is supported (no beam search, no first sample of n > 1, top_k and
   // logprobs within the device limits); otherwise the logits come to the host as before.
   bool device_sampling = true;
+  // Overlap the host's work on step N+1 with the device running step N (see the top).
+  bool overlap_steps = true;
 };
 
 struct EngineStats {
@@ -59,6 +71,7 @@ struct EngineStats {
   int64_t prefill_tokens = 0;           // tokens run that were not sampled decodes
   int64_t generated_tokens = 0;
   int64_t steps = 0;
+  int64_t overlapped_steps = 0;  // launched while the previous step was still running
   int64_t preemptions = 0;
   int64_t requests_finished = 0;
   // Host time spent per phase over all steps (nanoseconds): scheduling + batch building, the
@@ -100,7 +113,8 @@ class Engine {
 
   // One step on the caller's thread (only while the loop thread is not running): takes queued
   // submits and cancels, schedules, runs the backend, samples and answers. A backend error fails
-  // the requests of that step and is returned.
+  // the requests of that step and is returned. With overlapped steps a step is launched and the
+  // previous one answered; the last one launched is answered by the next call.
   Status Step();
   // Steps until nothing is waiting or running.
   Status RunUntilIdle();
@@ -120,13 +134,33 @@ class Engine {
   void ProcessOutputs(const SchedulerOutput& out, bool device);
   // Fills device_specs_ for the rows `out` samples; false when a row needs the host sampler.
   bool BuildDeviceSpecs(const SchedulerOutput& out);
-  // Appends a sampled token to a sequence, checks stop conditions and answers.
-  void Accept(SequenceGroup* g, Sequence* s, const SampleResult& r);
+  // Puts a sampled token at index `at` of the sequence (-1: appends it), checks stop conditions
+  // and answers.
+  void Accept(SequenceGroup* g, Sequence* s, const SampleResult& r, int32_t at = -1);
+  // Overlapped steps: whether this step may be launched before the previous one is answered.
+  bool OverlapAllowed() const;
+  bool OverlapOk(const SamplingParams& p) const;
+  // Launches the built batch_ of `out` (overlapped), then answers the step launched before it.
+  Status LaunchStep(SchedulerOutput out);
+  // Waits for the oldest launched step and answers it.
+  Status FinishLaunched();
+  // Aborts the requests (those still present) with `status`.
+  void FailIds(std::vector<int64_t> ids, const Status& status);
+  // Removes the requests that finished this step.
+  void ReleaseFinished();
   void BeamStep(SequenceGroup* g, const std::vector<std::pair<Sequence*, float*>>& rows);
   void FinishBeams(SequenceGroup* g);
   void MaskedFor(const SequenceGroup& g, const Sequence& s, std::vector<int32_t>* out) const;
   bool IsEos(const SequenceGroup& g, int32_t token) const;
   void FailAll(const SchedulerOutput& out, const Status& status);
+  // A launched step: what was scheduled (its pointers are checked against the scheduler before
+  // use: a request may be gone by the time the step is waited for), per scheduled sequence its
+  // request id and its cache length after the step.
+  struct LaunchedStep {
+    SchedulerOutput out;
+    std::vector<int64_t> group_ids;
+    std::vector<int32_t> context_end;
+  };
   void AbortGroup(std::unique_ptr<SequenceGroup> g, const Status& status);
   void FinishIfDone(SequenceGroup* g);
   void PublishStats();
@@ -154,6 +188,9 @@ class Engine {
   std::vector<std::vector<int32_t>> device_masked_;  // the specs' masked ids
   std::vector<DeviceSampleResult> device_results_;
   std::vector<SequenceGroup*> finished_groups_;
+  std::deque<LaunchedStep> launched_;
+  int32_t non_overlap_groups_ = 0;  // requests present with overlap_ok false
+  int64_t overlapped_steps_ = 0;
   uint64_t arrival_counter_ = 0;
   int64_t prefill_tokens_ = 0, generated_tokens_ = 0, requests_finished_ = 0;
   int64_t schedule_ns_ = 0, forward_ns_ = 0, sample_ns_ = 0, output_ns_ = 0;
@@ -174,6 +211,7 @@ class Engine {
   std::thread loop_;
   std::atomic<bool> loop_running_{false};
   std::atomic<bool> has_work_{false};
+  std::atomic<bool> launched_pending_{false};  // launched_ is not empty
 
   mutable std::mutex stats_mu_;
   EngineStats stats_;

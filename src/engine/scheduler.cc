@@ -145,7 +145,7 @@ bool Scheduler::ScheduleGroup(SequenceGroup* g, int32_t* budget, SchedulerOutput
   }
   for (const auto& sp : g->seqs) {
     Sequence* s = sp.get();
-    if (s->finished) continue;
+    if (s->finished || s->final_pending) continue;
     const int32_t len = static_cast<int32_t>(s->tokens.size());
     if (beam_ready) {
       // Beams advance together: their last tokens run (and are sampled) in the same step.

@@ -46,6 +46,9 @@ struct Sequence {
   int32_t num_computed = 0;     // leading tokens whose K/V are in the cache
   KvSequence kv;
   bool finished = false;
+  // Overlapped steps: the last token is still being sampled by a launched step and will end the
+  // sequence (max_tokens or the model length): nothing more is scheduled for it.
+  bool final_pending = false;
   FinishReason finish_reason = FinishReason::kNone;
   float cumulative_logprob = 0.0f;
   // With a detokenizer: the output text so far and how much of it was sent (the rest is held
@@ -65,6 +68,8 @@ struct SequenceGroup {
   std::vector<std::unique_ptr<Sequence>> seqs;
   std::shared_ptr<ResponseStream> stream;
   bool forked = false;  // n > 1 / beams: sequences created from the first sample
+  // Its steps may overlap (the engine needs no host work between them): see EngineConfig.
+  bool overlap_ok = false;
   int32_t num_preemptions = 0;
   // Beam search: finished hypotheses (tokens generated, score, cumulative logprob).
   struct Hypothesis {
@@ -124,6 +129,11 @@ class Scheduler {
   Sequence* Fork(SequenceGroup* group, const Sequence& parent);
   // Removes a request whose sequences all finished; returns it.
   std::unique_ptr<SequenceGroup> Release(SequenceGroup* group);
+  // The request with this id, or null once it was removed.
+  SequenceGroup* Find(int64_t id) const {
+    auto it = groups_.find(id);
+    return it == groups_.end() ? nullptr : it->second.get();
+  }
 
   int32_t num_running() const { return static_cast<int32_t>(running_.size()); }
   int32_t num_waiting() const { return static_cast<int32_t>(waiting_.size()); }

@@ -1,5 +1,6 @@
 // Engine tests on the KV-honest fake backend: batch invariance under random arrivals and limits,
 // preemption, prefix caching, cancellation, n > 1, beams, stop conditions, refusal, threads.
+// engine_overlap_test.cc runs the same tests again with overlapped steps (QILIN_TEST_BACKEND).
 #include "engine/engine.h"
 
 #include <gtest/gtest.h>
@@ -11,8 +12,16 @@
 #include "engine_test_util.h"
 #include "fake_backend.h"
 
+#ifndef QILIN_TEST_BACKEND
+#define QILIN_TEST_BACKEND FakeBackend
+#define QILIN_ENGINE_TEST EngineTest
+#define QILIN_ENGINE_TOKENIZER_TEST EngineTokenizerTest
+#endif
+
 namespace qilin::test {
 namespace {
+
+using TestBackend = QILIN_TEST_BACKEND;
 
 struct RunResult {
   std::vector<Collected> out;
@@ -26,7 +35,7 @@ struct RunResult {
 // to completion checking the KV invariants after every step, and returns what each request got.
 RunResult RunEngine(const FakeModel& m, const EngineConfig& cfg, const std::vector<Request>& reqs,
                     std::mt19937_64* rng) {
-  FakeBackend backend(m.vocab, m.max_len, m.eos, m.eos_bias);
+  TestBackend backend(m.vocab, m.max_len, m.eos, m.eos_bias);
   auto engine = Engine::Create(backend, cfg);
   EXPECT_TRUE(engine.ok()) << engine.status().ToString();
   RunResult res;
@@ -89,7 +98,7 @@ void ExpectMatchesReference(const FakeModel& m, const std::vector<Request>& reqs
   }
 }
 
-TEST(EngineTest, GreedyBatchInvarianceUnderRandomSchedules) {
+TEST(QILIN_ENGINE_TEST, GreedyBatchInvarianceUnderRandomSchedules) {
   FakeModel m{.vocab = 97, .eos = 3, .eos_bias = 1.5f, .max_len = 256};
   for (int trial = 0; trial < 12; ++trial) {
     std::mt19937_64 rng(1000 + trial);
@@ -113,7 +122,7 @@ TEST(EngineTest, GreedyBatchInvarianceUnderRandomSchedules) {
   }
 }
 
-TEST(EngineTest, StaticBatchingAndNoEvictPolicyGiveTheSameOutputs) {
+TEST(QILIN_ENGINE_TEST, StaticBatchingAndNoEvictPolicyGiveTheSameOutputs) {
   FakeModel m{.vocab = 61, .eos = 5, .eos_bias = 1.0f, .max_len = 200};
   std::mt19937_64 rng(7);
   std::vector<Request> reqs;
@@ -134,7 +143,7 @@ TEST(EngineTest, StaticBatchingAndNoEvictPolicyGiveTheSameOutputs) {
   }
 }
 
-TEST(EngineTest, PreemptionWithATenthOfThePoolGivesTheSameOutputs) {
+TEST(QILIN_ENGINE_TEST, PreemptionWithATenthOfThePoolGivesTheSameOutputs) {
   FakeModel m{.vocab = 89, .max_len = 512};
   std::mt19937_64 rng(11);
   std::vector<Request> reqs;
@@ -161,7 +170,7 @@ TEST(EngineTest, PreemptionWithATenthOfThePoolGivesTheSameOutputs) {
   ExpectMatchesReference(m, reqs, RunEngine(m, small, reqs, nullptr));
 }
 
-TEST(EngineTest, PrefixCachingPrefillsASharedSystemPromptOnce) {
+TEST(QILIN_ENGINE_TEST, PrefixCachingPrefillsASharedSystemPromptOnce) {
   FakeModel m{.vocab = 101, .max_len = 512};
   std::mt19937_64 rng(5);
   const auto system = RandomTokens(rng, 128, m.vocab);  // 8 blocks of 16
@@ -176,7 +185,7 @@ TEST(EngineTest, PrefixCachingPrefillsASharedSystemPromptOnce) {
   cfg.block_size = 16;
   cfg.kv_cache_tokens = 16 * 200;
   // First request alone, then the rest: each of them finds the 8 system blocks cached.
-  FakeBackend backend(m.vocab, m.max_len);
+  TestBackend backend(m.vocab, m.max_len);
   auto engine = Engine::Create(backend, cfg);
   ASSERT_TRUE(engine.ok());
   std::vector<Collected> out(reqs.size());
@@ -209,12 +218,12 @@ TEST(EngineTest, PrefixCachingPrefillsASharedSystemPromptOnce) {
   EXPECT_EQ(off.stats.prefix_cache_hits, 0);
 }
 
-TEST(EngineTest, CancellationAtEveryStageFreesEveryBlock) {
+TEST(QILIN_ENGINE_TEST, CancellationAtEveryStageFreesEveryBlock) {
   FakeModel m{.vocab = 71, .max_len = 512};
   std::mt19937_64 rng(3);
   // Stage: 0 waiting, 1 prefilling (chunked), 2 decoding, 3 preempted.
   for (int stage = 0; stage < 4; ++stage) {
-    FakeBackend backend(m.vocab, m.max_len);
+    TestBackend backend(m.vocab, m.max_len);
     EngineConfig cfg;
     cfg.block_size = 4;
     cfg.max_num_tokens = 16;
@@ -261,11 +270,11 @@ TEST(EngineTest, CancellationAtEveryStageFreesEveryBlock) {
   }
 }
 
-TEST(EngineTest, RandomizedWorkloadLosesNothingAndLeaksNothing) {
+TEST(QILIN_ENGINE_TEST, RandomizedWorkloadLosesNothingAndLeaksNothing) {
   FakeModel m{.vocab = 53, .eos = 2, .eos_bias = 0.5f, .max_len = 128};
   std::mt19937_64 rng(99);
   for (int trial = 0; trial < 3; ++trial) {
-    FakeBackend backend(m.vocab, m.max_len, m.eos, m.eos_bias);
+    TestBackend backend(m.vocab, m.max_len, m.eos, m.eos_bias);
     EngineConfig cfg;
     cfg.block_size = 1 + static_cast<int32_t>(rng() % 16);
     cfg.max_batch_size = 1 + static_cast<int32_t>(rng() % 64);
@@ -325,7 +334,7 @@ TEST(EngineTest, RandomizedWorkloadLosesNothingAndLeaksNothing) {
   }
 }
 
-TEST(EngineTest, SeededSamplingIsReproducibleAcrossBatchCompositions) {
+TEST(QILIN_ENGINE_TEST, SeededSamplingIsReproducibleAcrossBatchCompositions) {
   FakeModel m{.vocab = 97, .eos = 1, .eos_bias = 0.0f, .max_len = 256};
   std::mt19937_64 rng(21);
   std::vector<Request> reqs;
@@ -367,7 +376,7 @@ TEST(EngineTest, SeededSamplingIsReproducibleAcrossBatchCompositions) {
   EXPECT_GT(differ, 12);
 }
 
-TEST(EngineTest, NSamplesShareThePromptBlocksCopyOnWrite) {
+TEST(QILIN_ENGINE_TEST, NSamplesShareThePromptBlocksCopyOnWrite) {
   FakeModel m{.vocab = 97, .max_len = 256};
   std::mt19937_64 rng(8);
   std::vector<Request> reqs;
@@ -465,7 +474,7 @@ std::vector<std::vector<int32_t>> NaiveBeamSearch(const FakeModel& m,
   return out;
 }
 
-TEST(EngineTest, BeamSearchMatchesANaiveBeamSearch) {
+TEST(QILIN_ENGINE_TEST, BeamSearchMatchesANaiveBeamSearch) {
   FakeModel m{.vocab = 41, .eos = 4, .eos_bias = 2.0f, .max_len = 256};
   std::mt19937_64 rng(13);
   std::vector<Request> reqs;
@@ -494,9 +503,9 @@ TEST(EngineTest, BeamSearchMatchesANaiveBeamSearch) {
   }
 }
 
-TEST(EngineTest, StopConditions) {
+TEST(QILIN_ENGINE_TEST, StopConditions) {
   FakeModel m{.vocab = 50, .eos = 7, .eos_bias = 0.0f, .max_len = 64};
-  FakeBackend backend(m.vocab, m.max_len, m.eos);
+  TestBackend backend(m.vocab, m.max_len, m.eos);
   EngineConfig cfg;
   cfg.block_size = 4;
   cfg.kv_cache_tokens = 4 * 100;
@@ -588,9 +597,9 @@ class TableDetokenizer : public IncrementalDetokenizer {
   }
 };
 
-TEST(EngineTest, StopStringsAndTextDeltasThroughADetokenizer) {
+TEST(QILIN_ENGINE_TEST, StopStringsAndTextDeltasThroughADetokenizer) {
   FakeModel m{.vocab = 50, .max_len = 128};
-  FakeBackend backend(m.vocab, m.max_len);
+  TestBackend backend(m.vocab, m.max_len);
   EngineConfig cfg;
   cfg.block_size = 4;
   cfg.kv_cache_tokens = 4 * 100;
@@ -646,8 +655,8 @@ TEST(EngineTest, StopStringsAndTextDeltasThroughADetokenizer) {
   }
 }
 
-TEST(EngineTest, RefusesWhatCanNeverFitNamingTheLimit) {
-  FakeBackend backend(50, 100);
+TEST(QILIN_ENGINE_TEST, RefusesWhatCanNeverFitNamingTheLimit) {
+  TestBackend backend(50, 100);
   EngineConfig cfg;
   cfg.block_size = 8;
   cfg.kv_cache_tokens = 8 * 10;
@@ -680,8 +689,8 @@ TEST(EngineTest, RefusesWhatCanNeverFitNamingTheLimit) {
   EXPECT_FALSE(Engine::Create(backend, cfg).ok());
 }
 
-TEST(EngineTest, BackendErrorFailsTheStepsRequestsAndFreesTheirBlocks) {
-  FakeBackend backend(50, 100);
+TEST(QILIN_ENGINE_TEST, BackendErrorFailsTheStepsRequestsAndFreesTheirBlocks) {
+  TestBackend backend(50, 100);
   EngineConfig cfg;
   cfg.block_size = 4;
   cfg.kv_cache_tokens = 400;
@@ -700,9 +709,9 @@ TEST(EngineTest, BackendErrorFailsTheStepsRequestsAndFreesTheirBlocks) {
   EXPECT_EQ(e.stats().kv_blocks_free, e.stats().kv_blocks_total);
 }
 
-TEST(EngineTest, LoopThreadServesConcurrentClientsAndCancels) {
+TEST(QILIN_ENGINE_TEST, LoopThreadServesConcurrentClientsAndCancels) {
   FakeModel m{.vocab = 97, .eos = 3, .eos_bias = 0.5f, .max_len = 256};
-  FakeBackend backend(m.vocab, m.max_len, m.eos, m.eos_bias);
+  TestBackend backend(m.vocab, m.max_len, m.eos, m.eos_bias);
   EngineConfig cfg;
   cfg.block_size = 8;
   cfg.max_batch_size = 16;
@@ -746,8 +755,8 @@ TEST(EngineTest, LoopThreadServesConcurrentClientsAndCancels) {
   EXPECT_FALSE(e.Submit(Greedy({1}, 1)).ok());
 }
 
-TEST(EngineTest, StopAbortsEverythingInFlight) {
-  FakeBackend backend(50, 100);
+TEST(QILIN_ENGINE_TEST, StopAbortsEverythingInFlight) {
+  TestBackend backend(50, 100);
   EngineConfig cfg;
   cfg.kv_cache_tokens = 1000;
   auto engine = Engine::Create(backend, cfg);
@@ -772,7 +781,7 @@ namespace {
 
 // The real Qwen tokenizer's streaming decoder through the engine: deltas concatenate to the
 // tokenizer's own Decode, and a stop string spanning tokens cuts the text right before it.
-TEST(EngineTokenizerTest, TextDeltasAndStopStringsWithTheQwenTokenizer) {
+TEST(QILIN_ENGINE_TOKENIZER_TEST, TextDeltasAndStopStringsWithTheQwenTokenizer) {
   auto tok =
       tokenizer::Tokenizer::Load(std::string(QILIN_SOURCE_DIR) + "/../shared/data/tokenizer");
   if (!tok.ok()) GTEST_SKIP() << "no tokenizer data: " << tok.status().ToString();
@@ -780,7 +789,7 @@ TEST(EngineTokenizerTest, TextDeltasAndStopStringsWithTheQwenTokenizer) {
   ASSERT_TRUE(text_ids.ok());
   // Vocab of the tokenizer's ordinary tokens; bad words keep specials out.
   const int32_t vocab = 151643;
-  FakeBackend backend(vocab, 256);
+  TestBackend backend(vocab, 256);
   EngineConfig cfg;
   cfg.block_size = 8;
   cfg.kv_cache_tokens = 8 * 40;

@@ -4,7 +4,8 @@
 // ran it (a one-token chunk goes through the decode attention, a longer one through the prefill
 // kernel; steps of more than 8 tokens through cuBLASLt instead of the skinny GEMM), so tokens may
 // differ only where the alone run's top two candidates were within kMargin of each other, and the
-// comparison of a request stops at such a point.
+// comparison of a request stops at such a point. Steps overlap (EngineConfig::overlap_steps)
+// except where a test turns it off.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -174,6 +175,8 @@ TEST_F(CudaEngineTest, GreedyOutputsEqualAloneUnderBatchingPreemptionAndPrefixCa
     cfg.max_num_tokens = 5 + static_cast<int32_t>(rng() % 60);
     cfg.kv_cache_tokens = trial == 2 ? need_ / 10 + 70 : 4 * need_;  // trial 2: preemption
     cfg.enable_prefix_caching = trial != 3;
+    // Overlapped steps (the default, and how the alone runs ran) except in trial 1.
+    cfg.overlap_steps = trial != 1;
     // Trial 2 submits everything at once so that the small pool must preempt.
     EngineRun run = RunEngine(c_, *weights_, reqs_, cfg, trial == 2 ? nullptr : &rng);
     ASSERT_EQ(run.out.size(), reqs_.size());
@@ -184,6 +187,11 @@ TEST_F(CudaEngineTest, GreedyOutputsEqualAloneUnderBatchingPreemptionAndPrefixCa
     }
     if (trial == 0) {
       EXPECT_GT(run.stats.prefix_cache_hits, 0);
+    }
+    if (cfg.overlap_steps) {
+      EXPECT_GT(run.stats.overlapped_steps, run.stats.steps / 2);
+    } else {
+      EXPECT_EQ(run.stats.overlapped_steps, 0);
     }
   }
 }
