@@ -5,8 +5,9 @@
 //   one 4096-token prefill vs 2 * params * tokens / matmul rate;
 //   64 concurrent sequences of 128/128, 2048/128 and 128/2048 prompt/generated tokens through the
 //   backend, each beside prefill FLOPs / matmul rate + per-step (weights + KV) bytes / bandwidth;
-//   their decode steps sample greedily on the device (ForwardSample), and a few steps with the
-//   logits copied to the host are timed beside them;
+//   their decode steps sample greedily on the device, each step launched before the previous one
+//   is waited for (LaunchForwardSample, the engine's overlapped steps), and a few steps one at a
+//   time (ForwardSample) and with the logits copied to the host are timed beside them;
 //   batch-1 decode with cuBLASLt vs the skinny GEMM kernel and both decode attention kernels;
 //   first, a per-op profile (time, GB/s or TFLOP/s, share of a step) at the model's shapes,
 //   including one batch-64 decode step op by op.
@@ -516,11 +517,14 @@ int main(int argc, char** argv) {
   // 3. Batch-1 decode after a 128-token prompt: cuBLASLt GEMMs (gemv 0), then the default path.
   // Modes: 0 cuBLASLt GEMMs + CUDA-core attention, 1 skinny GEMMs + CUDA-core attention,
   // 2 skinny GEMMs + tensor-core decode attention (the default), logits to the host each step;
-  // 3 the same kernels, the token sampled greedily on the GPU (ForwardSample: the engine's path
-  // when its requests allow it, Engine::Config::device_sampling).
-  constexpr int kModes = 4;
+  // 3 the same kernels, the token sampled greedily on the GPU (ForwardSample); 4 as 3 with each
+  // step launched before the previous one is waited for, its token the previous step's on the
+  // device (LaunchForwardSample: the engine's overlapped steps, its default where the requests
+  // allow it).
+  constexpr int kModes = 5;
   const char* mode_names[kModes] = {"cuBLASLt, CUDA-core attn", "gemv, CUDA-core attn",
-                                    "gemv, tensor-core attn", "gemv, tc attn, greedy on GPU"};
+                                    "gemv, tensor-core attn", "gemv, tc attn, greedy on GPU",
+                                    "gemv, tc attn, greedy, overlapped"};
   const std::vector<DeviceSampleSpec> greedy1(1);
   std::vector<DeviceSampleResult> sampled1;
   double decode_tps[kModes] = {}, decode_ms[kModes] = {}, decode_gpu_ms[kModes] = {};
@@ -532,10 +536,19 @@ int main(int argc, char** argv) {
     std::vector<SeqState> seqs(1);
     ForwardBatch p = MakeBatch(seqs, 128, bs, &next, vocab);
     Check(backend.Forward(p, &logits));
-    auto step = [&](const ForwardBatch& d) {
-      Check(mode == 3 ? backend.ForwardSample(d, greedy1, &sampled1) : backend.Forward(d, &logits));
+    int launched = 0;
+    auto step = [&](ForwardBatch& d) {
+      if (mode < 3) return Check(backend.Forward(d, &logits));
+      if (mode == 3) return Check(backend.ForwardSample(d, greedy1, &sampled1));
+      // The token is the one the previous launched step sampled (none yet: the given one).
+      if (launched > 0) d.token_ids[0] = Backend::PreviousRowToken(0);
+      Check(backend.LaunchForwardSample(d, greedy1));
+      if (++launched > 1) Check(backend.WaitForwardSample(&sampled1));
     };
-    for (int i = 0; i < 8; ++i) step(MakeBatch(seqs, 1, bs, &next, vocab));  // warm-up, capture
+    for (int i = 0; i < 8; ++i) {  // warm-up, capture
+      ForwardBatch d = MakeBatch(seqs, 1, bs, &next, vocab);
+      step(d);
+    }
     std::vector<ForwardBatch> steps;
     for (int i = 0; i < decode_steps; ++i) steps.push_back(MakeBatch(seqs, 1, bs, &next, vocab));
     const auto a = Clock::now();
@@ -544,6 +557,7 @@ int main(int argc, char** argv) {
       step(d);
       gpu_ms.push_back(backend.LastStepGpuMs());
     }
+    if (launched > 0) Check(backend.WaitForwardSample(&sampled1));
     const double t = Seconds(a, Clock::now());
     decode_gpu_ms[mode] = Median(gpu_ms);
     decode_tps[mode] = decode_steps / t;
@@ -570,7 +584,7 @@ int main(int argc, char** argv) {
   struct Workload {
     int in, out;
     double tps = 0, prefill_s = 0, step_ms = 0, limit_tps = 0, logits_ms = 0;
-    double pinned_ms = 0, host_step_ms = 0, gpu_step_ms = 0;
+    double pinned_ms = 0, host_step_ms = 0, gpu_step_ms = 0, sync_step_ms = 0;
   };
   // Host-logits decode steps of the first workload by CudaBackendOptions::host_copy_threads.
   const int copy_threads[] = {0, 1, 2, 4, 8};
@@ -600,13 +614,31 @@ int main(int argc, char** argv) {
     }
     const auto b = Clock::now();
     std::vector<double> gpu_ms;
+    // Overlapped: step i + 1 is built and launched before step i is waited for; its tokens are
+    // step i's (row r of a step is sequence r).
     for (int i = 0; i < wl.out - 1; ++i) {
       ForwardBatch d = MakeBatch(seqs, 1, bs, &next, vocab);
-      Check(backend.ForwardSample(d, greedy_specs, &sampled));
-      gpu_ms.push_back(backend.LastStepGpuMs());
+      if (i > 0) {
+        for (int r = 0; r < S; ++r) d.token_ids[r] = Backend::PreviousRowToken(r);
+      }
+      Check(backend.LaunchForwardSample(d, greedy_specs));
+      if (i > 0) {
+        Check(backend.WaitForwardSample(&sampled));
+        gpu_ms.push_back(backend.LastStepGpuMs());
+      }
     }
+    Check(backend.WaitForwardSample(&sampled));
     const auto c = Clock::now();
     wl.gpu_step_ms = Median(gpu_ms);
+    {  // For comparison: steps one at a time (ForwardSample).
+      const int k = 16;
+      const auto s0 = Clock::now();
+      for (int i = 0; i < k; ++i) {
+        ForwardBatch d = MakeBatch(seqs, 1, bs, &next, vocab);
+        Check(backend.ForwardSample(d, greedy_specs, &sampled));
+      }
+      wl.sync_step_ms = Seconds(s0, Clock::now()) / k * 1e3;
+    }
     // For comparison: a few more steps with the logits copied to the host (the host sampler's
     // path; the copy goes to pageable memory, std::vector).
     {
@@ -695,11 +727,12 @@ int main(int argc, char** argv) {
     std::printf("%-44s %10.0f tok/s %8.0f tok/s %7.1f%%\n", name, wl.tps, wl.limit_tps,
                 100 * wl.tps / wl.limit_tps);
     std::printf(
-        "  prefill %.1f ms, decode step %.2f ms with greedy sampling on the device (GPU, layers + "
-        "lm_head: %.2f ms); %.2f ms with the logits to the host (a 64-row logits copy: %.2f ms "
-        "pageable, %.2f ms pinned)\n",
-        wl.prefill_s * 1e3, wl.step_ms, wl.gpu_step_ms, wl.host_step_ms, wl.logits_ms,
-        wl.pinned_ms);
+        "  prefill %.1f ms, decode step %.2f ms overlapped with greedy sampling on the device "
+        "(GPU, "
+        "layers + lm_head: %.2f ms); %.2f ms one at a time; %.2f ms with the logits to the host (a "
+        "64-row logits copy: %.2f ms pageable, %.2f ms pinned)\n",
+        wl.prefill_s * 1e3, wl.step_ms, wl.gpu_step_ms, wl.sync_step_ms, wl.host_step_ms,
+        wl.logits_ms, wl.pinned_ms);
   }
   std::printf(
       "batch-64 decode step with the logits to the host, by host_copy_threads "
