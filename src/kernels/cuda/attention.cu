@@ -592,10 +592,10 @@ __global__ void __launch_bounds__(kDecMmaWarps * 32)
   // and block tables are step inputs: the first tile is fetched before the PDL wait, overlapping
   // the previous kernel (rope + KV write, which writes key ctx - 1 and q). Key ctx - 1 follows
   // the wait, in the same commit group.
-  const int32_t own = ctx - 1;
+  const int32_t own = end == ctx ? ctx - 1 : -1;  // in this split only if it is the last
   load_tile(0, start, own);
   PdlWait();
-  if (own >= start && own < start + kDecMmaTile) {
+  if (own >= 0 && own < start + kDecMmaTile) {
     const int j = own - start;
     for (int d8 = threadIdx.x * 8; d8 < D; d8 += blockDim.x * 8) {
       const int64_t base = SlotOf(b, seq, own) * kv_size + static_cast<int64_t>(kvh) * D + d8;
