@@ -557,7 +557,6 @@ __global__ void __launch_bounds__(kDecMmaWarps * 32)
                     const int32_t* tokens, int num_heads, int num_kv_heads, float scale_log2,
                     float* partial, bf16_t* out) {
   PdlLaunchDependents();
-  PdlWait();
   extern __shared__ __align__(16) unsigned char dec_smem[];
   using Row = bf16_t[D + kPad];
   Row* k_s = reinterpret_cast<Row*>(dec_smem);  // [2][kDecMmaTile]
@@ -575,19 +574,36 @@ __global__ void __launch_bounds__(kDecMmaWarps * 32)
   const int g = lane >> 2, c = lane & 3, mi = lane >> 3, mr = lane & 7;
   const int64_t kv_size = static_cast<int64_t>(num_kv_heads) * D;
 
-  auto load_tile = [&](int stage, int32_t k0) {
+  // Copies the keys [k0, k0 + kDecMmaTile) of the split into `stage` (zeros past its end), all
+  // but key `skip`; the caller commits.
+  auto load_tile = [&](int stage, int32_t k0, int32_t skip) {
     for (int i = threadIdx.x; i < kDecMmaTile * (D / 8); i += blockDim.x) {
       const int j = i / (D / 8), d8 = (i % (D / 8)) * 8;
+      if (k0 + j == skip) continue;
       const bool valid = k0 + j < end;
       const int64_t base =
           valid ? SlotOf(b, seq, k0 + j) * kv_size + static_cast<int64_t>(kvh) * D + d8 : 0;
       CpAsync16(&k_s[stage * kDecMmaTile + j][d8], k_cache + base, valid);
       CpAsync16(&v_s[stage * kDecMmaTile + j][d8], v_cache + base, valid);
     }
-    CpAsyncCommit();
   };
   const int ntiles = (end - start + kDecMmaTile - 1) / kDecMmaTile;
-  load_tile(0, start);
+  // Every key but the token's own (ctx - 1) was written by an earlier step, and the positions
+  // and block tables are step inputs: the first tile is fetched before the PDL wait, overlapping
+  // the previous kernel (rope + KV write, which writes key ctx - 1 and q). Key ctx - 1 follows
+  // the wait, in the same commit group.
+  const int32_t own = end == ctx ? ctx - 1 : -1;  // in this split only if it is the last
+  load_tile(0, start, own);
+  PdlWait();
+  if (own >= 0 && own < start + kDecMmaTile) {
+    const int j = own - start;
+    for (int d8 = threadIdx.x * 8; d8 < D; d8 += blockDim.x * 8) {
+      const int64_t base = SlotOf(b, seq, own) * kv_size + static_cast<int64_t>(kvh) * D + d8;
+      CpAsync16(&k_s[j][d8], k_cache + base, true);
+      CpAsync16(&v_s[j][d8], v_cache + base, true);
+    }
+  }
+  CpAsyncCommit();
 
   // Q fragments: row r is head kvh * group + r (zero past the group).
   const int r0 = g, r1 = g + 8;
@@ -614,7 +630,8 @@ __global__ void __launch_bounds__(kDecMmaWarps * 32)
     const int32_t k0 = start + it * kDecMmaTile;
     const int stage = it & 1;
     if (it + 1 < ntiles) {
-      load_tile(stage ^ 1, k0 + kDecMmaTile);
+      load_tile(stage ^ 1, k0 + kDecMmaTile, -1);
+      CpAsyncCommit();
       CpAsyncWait<1>();
     } else {
       CpAsyncWait<0>();

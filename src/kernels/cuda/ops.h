@@ -77,7 +77,9 @@ cudaError_t PagedAttentionDecode(const bf16_t* q, const bf16_t* k_cache, const b
 // The same function as PagedAttentionDecode on tensor cores (mma.sync): the query heads of one KV
 // head are the rows of the MMA, K/V tiles of 64 keys stream through cp.async stages. Same
 // `partial` layout and splits; head_dim 64 or 128 and at most 16 heads per KV head
-// (DecodeMmaSupported), else cudaErrorInvalidValue.
+// (DecodeMmaSupported), else cudaErrorInvalidValue. Launched with PDL, it fetches its first K/V
+// tile before waiting for the previous kernel, all but each token's own key (its position): the
+// other keys must not be written by that kernel (decode steps: one new token per sequence).
 bool DecodeMmaSupported(int64_t head_dim, int64_t num_heads, int64_t num_kv_heads);
 cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache,
                                     const AttnBatch& batch, const int32_t* tokens, int32_t count,
