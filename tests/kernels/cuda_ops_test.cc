@@ -388,15 +388,21 @@ TEST(CudaOps, RopeWriteKvAllScalingTypes) {
 // Paged attention (decode split-KV and tensor-core prefill) vs cpu::PagedAttention on a batch of
 // fresh prefills (one, two and three query tiles, partial last tiles), chunked prefills over a
 // cached prefix (a 700-token prefix under three tiles; a 1-token one), and long and short decodes.
-void CheckAttention(int64_t hd, int64_t H, int64_t KV, bool use_prefill, bool decode_mma = false) {
-  const int32_t bs = 16, num_blocks = 200;
+// `batch`: (new tokens, context) per sequence instead of those.
+void CheckAttention(int64_t hd, int64_t H, int64_t KV, bool use_prefill, bool decode_mma = false,
+                    std::vector<std::pair<int32_t, int32_t>> batch = {}) {
+  const int32_t bs = 16;
   const int64_t kv_size = KV * hd, q_size = H * hd;
   // (new tokens, context) per sequence.
   std::vector<std::pair<int32_t, int32_t>> seqs = {{77, 77},   {45, 150},   {1, 1000}, {1, 3},
                                                    {130, 131}, {300, 1000}, {257, 257}};
+  if (!batch.empty()) seqs = batch;
   const int32_t S = static_cast<int32_t>(seqs.size());
-  int32_t max_blocks = 0;
-  for (auto& s : seqs) max_blocks = std::max(max_blocks, (s.second + bs - 1) / bs);
+  int32_t max_blocks = 0, num_blocks = 0;
+  for (auto& s : seqs) {
+    max_blocks = std::max(max_blocks, (s.second + bs - 1) / bs);
+    num_blocks += (s.second + bs - 1) / bs;
+  }
   std::vector<int32_t> perm(num_blocks);
   std::iota(perm.begin(), perm.end(), 0);
   std::shuffle(perm.begin(), perm.end(), rng);
@@ -473,6 +479,16 @@ TEST(CudaOps, PagedAttentionDecodeTensorCores) {
   CheckAttention(128, 8, 8, false, true);
   CheckAttention(64, 16, 1, false, true);
   CheckAttention(128, 16, 2, false, true);
+  // Decode batches whose (token, KV head) pairs ask for fewer, longer splits than
+  // DecodePartition's (DecodeTargetSplits: about 4 blocks per SM), contexts 1 .. 2100.
+  for (int tokens : {9, 24, 40, 64, 150}) {
+    std::vector<std::pair<int32_t, int32_t>> batch;
+    for (int i = 0; i < tokens; ++i) batch.push_back({1, 1 + static_cast<int32_t>(rng() % 2100)});
+    batch[0].second = 64;
+    batch[1].second = 65;
+    CheckAttention(128, 28, 4, false, true, batch);
+    CheckAttention(64, 14, 2, false, true, batch);
+  }
 }
 
 TEST(CudaOps, PagedAttentionPrefillTensorCores) {

@@ -2,7 +2,9 @@
 // each K/V tile in shared memory) and a tensor-core flash-attention kernel for prefill tiles.
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/pdl.cuh"
@@ -16,10 +18,14 @@ constexpr int kMaxHeadsPerWarp = 4;  // group size up to 16
 constexpr int kMaxDPerLane = 8;      // head_dim up to 256
 constexpr int kStageLoads = 4;       // 16-byte K and V loads in flight per thread (decode)
 
-__host__ __device__ inline int32_t Partition(int32_t ctx) {
+// Keys per split of a context of `ctx` keys: ctx / kMaxSplits rounded up to whole 32-key tiles
+// (one tile per split up to 512 keys), and at least ctx / `target` (the tensor-core kernel's
+// launcher lowers `target` when the batch alone fills the GPU).
+__host__ __device__ inline int32_t Partition(int32_t ctx, int32_t target = kMaxSplits) {
   const int32_t per = (ctx + kMaxSplits - 1) / kMaxSplits;
-  const int32_t rounded = (per + 31) / 32 * 32;
-  return rounded > 32 ? rounded : 32;  // one tile per split up to 512 keys
+  const int32_t want = (ctx + target - 1) / target;
+  const int32_t rounded = ((per > want ? per : want) + 31) / 32 * 32;
+  return rounded > 32 ? rounded : 32;
 }
 
 __device__ __forceinline__ float Bf(const bf16_t* p, int64_t i) {
@@ -188,13 +194,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
 
 // Block (token, head): merges the splits' (max, sum, unnormalised output).
 __global__ void CombineKernel(const int32_t* tokens, const int32_t* positions, int num_heads,
-                              int head_dim, const float* partial, bf16_t* out) {
+                              int head_dim, const float* partial, bf16_t* out, int target_splits) {
   PdlLaunchDependents();
   PdlWait();
   const int idx = blockIdx.x, h = blockIdx.y;
   const int32_t t = tokens[idx];
   const int32_t ctx = positions[t] + 1;
-  const int32_t part = Partition(ctx);
+  const int32_t part = Partition(ctx, target_splits);
   const int32_t nsplit = (ctx + part - 1) / part;
   if (nsplit == 1) return;
   const float* pp =
@@ -555,7 +561,7 @@ template <int D>
 __global__ void __launch_bounds__(kDecMmaWarps * 32)
     DecodeMmaKernel(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, AttnBatch b,
                     const int32_t* tokens, int num_heads, int num_kv_heads, float scale_log2,
-                    float* partial, bf16_t* out) {
+                    float* partial, bf16_t* out, int target_splits) {
   PdlLaunchDependents();
   extern __shared__ __align__(16) unsigned char dec_smem[];
   using Row = bf16_t[D + kPad];
@@ -564,7 +570,7 @@ __global__ void __launch_bounds__(kDecMmaWarps * 32)
   const int idx = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const int32_t t = tokens[idx];
   const int32_t ctx = b.positions[t] + 1;
-  const int32_t part = Partition(ctx);
+  const int32_t part = Partition(ctx, target_splits);
   const int32_t nsplit = (ctx + part - 1) / part;
   if (split >= nsplit) return;
   const int32_t start = split * part, end = min(ctx, start + part);
@@ -795,8 +801,36 @@ cudaError_t PagedAttentionDecode(const bf16_t* q, const bf16_t* k_cache, const b
   if (err != cudaSuccess || splits == 1) return err;
   return LaunchPdl(CombineKernel, dim3(count, static_cast<unsigned>(num_heads)), dim3(64), 0,
                    stream, tokens, batch.positions, static_cast<int>(num_heads),
-                   static_cast<int>(head_dim), partial, out);
+                   static_cast<int>(head_dim), partial, out, kMaxSplits);
 }
+
+namespace {
+
+// Blocks per SM that the tensor-core decode attention aims for when its batch alone has enough
+// (token, KV head) pairs: splits = ceil(factor * SMs / pairs), at most kMaxSplits. Fewer, longer
+// splits keep every warp of a block busy (a split of 32 keys leaves half of a 64-key tile empty)
+// and shrink the merge. QILIN_DECODE_SPLIT_FACTOR overrides it (0: always kMaxSplits).
+int DecodeTargetSplits(int64_t count, int64_t num_kv_heads) {
+  static const int sms = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return n;
+  }();
+  static const int factor = [] {
+    const char* e = std::getenv("QILIN_DECODE_SPLIT_FACTOR");
+    return e ? std::atoi(e) : 4;
+  }();
+  const int64_t pairs = count * num_kv_heads;
+  if (factor <= 0 || sms <= 0 || pairs <= 0) return kMaxSplits;
+  const int64_t t = (static_cast<int64_t>(factor) * sms + pairs - 1) / pairs;
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(t, 1), kMaxSplits));
+}
+
+}  // namespace
 
 bool DecodeMmaSupported(int64_t head_dim, int64_t num_heads, int64_t num_kv_heads) {
   return (head_dim == 64 || head_dim == 128) && num_kv_heads > 0 && num_heads % num_kv_heads == 0 &&
@@ -811,6 +845,7 @@ cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, cons
   if (count == 0) return cudaSuccess;
   if (!DecodeMmaSupported(head_dim, num_heads, num_kv_heads)) return cudaErrorInvalidValue;
   const int splits = max_splits < 1 ? 1 : (max_splits > kMaxSplits ? kMaxSplits : max_splits);
+  const int target = DecodeTargetSplits(count, num_kv_heads);
   const float scale_log2 = scale * 1.4426950408889634f;
   dim3 grid(count, static_cast<unsigned>(num_kv_heads), splits);
   cudaError_t err = cudaSuccess;
@@ -821,7 +856,7 @@ cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, cons
     if (attr != cudaSuccess) return attr;
     err = LaunchPdl(DecodeMmaKernel<64>, grid, dim3(kDecMmaWarps * 32), DecodeMmaSmemBytes<64>(),
                     stream, q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
-                    static_cast<int>(num_kv_heads), scale_log2, partial, out);
+                    static_cast<int>(num_kv_heads), scale_log2, partial, out, target);
   } else {
     static const cudaError_t attr =
         cudaFuncSetAttribute(DecodeMmaKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -829,12 +864,12 @@ cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, cons
     if (attr != cudaSuccess) return attr;
     err = LaunchPdl(DecodeMmaKernel<128>, grid, dim3(kDecMmaWarps * 32), DecodeMmaSmemBytes<128>(),
                     stream, q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
-                    static_cast<int>(num_kv_heads), scale_log2, partial, out);
+                    static_cast<int>(num_kv_heads), scale_log2, partial, out, target);
   }
   if (err != cudaSuccess || splits == 1) return err;
   return LaunchPdl(CombineKernel, dim3(count, static_cast<unsigned>(num_heads)), dim3(64), 0,
                    stream, tokens, batch.positions, static_cast<int>(num_heads),
-                   static_cast<int>(head_dim), partial, out);
+                   static_cast<int>(head_dim), partial, out, target);
 }
 
 bool PrefillSupported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }

@@ -76,7 +76,10 @@ cudaError_t PagedAttentionDecode(const bf16_t* q, const bf16_t* k_cache, const b
 
 // The same function as PagedAttentionDecode on tensor cores (mma.sync): the query heads of one KV
 // head are the rows of the MMA, K/V tiles of 64 keys stream through cp.async stages. Same
-// `partial` layout and splits; head_dim 64 or 128 and at most 16 heads per KV head
+// `partial` layout; the same splits where count * num_kv_heads is small, fewer and longer ones
+// (at most ceil(c / splits) keys each, whole 32-key tiles) where the (token, KV head) pairs alone
+// give about 4 blocks per SM (QILIN_DECODE_SPLIT_FACTOR sets the 4; 0 keeps DecodePartition's
+// splits); head_dim 64 or 128 and at most 16 heads per KV head
 // (DecodeMmaSupported), else cudaErrorInvalidValue. Launched with PDL, it fetches its first K/V
 // tile before waiting for the previous kernel, all but each token's own key (its position): the
 // other keys must not be written by that kernel (decode steps: one new token per sequence).
