@@ -598,9 +598,13 @@ int main(int argc, char** argv) {
     const int S = 64;
     int32_t next = 0;
     std::vector<SeqState> seqs(S);
-    if (&wl == &loads[0]) {  // warm-up of the shapes
+    if (&wl == &loads[0]) {  // warm-up of the shapes, and the batch-64 graph captured
       ForwardBatch warm = MakeBatch(seqs, wl.in, bs, &next, vocab);
       Check(backend.Forward(warm, &logits));
+      for (int i = 0; i < 2; ++i) {
+        ForwardBatch d = MakeBatch(seqs, 1, bs, &next, vocab);
+        Check(backend.ForwardSample(d, greedy_specs, &sampled));
+      }
       next = 0;
       seqs.assign(S, SeqState{});
     }
