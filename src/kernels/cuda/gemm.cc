@@ -1,5 +1,8 @@
 #include "kernels/cuda/gemm.h"
 
+#include <algorithm>
+#include <cstdlib>
+
 #include "kernels/cuda/ops.h"
 
 namespace qilin::cuda {
@@ -29,6 +32,15 @@ Gemm::~Gemm() {
 }
 
 Status Gemm::Init(size_t workspace_bytes) {
+  if (const char* e = std::getenv("QILIN_GEMM_TUNE_CANDIDATES")) {
+    tune_candidates_ = std::clamp(std::atoi(e), 1, kMaxTuneCandidates);
+  }
+  if (const char* e = std::getenv("QILIN_GEMM_TUNE_MIN_ROWS")) {
+    tune_min_rows_ = std::max<int64_t>(1, std::atoll(e));
+  }
+  if (const char* e = std::getenv("QILIN_SWIGLU_BF16_MIN_ROWS")) {
+    swiglu_bf16_min_rows_ = std::max<int64_t>(0, std::atoll(e));
+  }
   QILIN_RETURN_IF_ERROR(LtStatus(cublasLtCreate(&handle_), "cublasLtCreate"));
   QILIN_RETURN_IF_ERROR(
       CudaStatus(cudaMalloc(&workspace_, workspace_bytes), "cudaMalloc(cuBLASLt workspace)"));
@@ -67,10 +79,10 @@ Result<Gemm::Plan*> Gemm::GetPlan(int64_t n, int64_t in, int64_t out, const void
   QILIN_RETURN_IF_ERROR(LtStatus(cublasLtMatmulPreferenceCreate(&pref), "preference"));
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                        &workspace_bytes_, sizeof(workspace_bytes_));
-  cublasLtMatmulHeuristicResult_t results[kTuneCandidates] = {};
+  cublasLtMatmulHeuristicResult_t results[kMaxTuneCandidates] = {};
   int found = 0;
   cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.c, pref,
-                                                    kTuneCandidates, results, &found);
+                                                    tune_candidates_, results, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   if (s != CUBLAS_STATUS_SUCCESS || found == 0) {
     return Internal("cuBLASLt: no algorithm for bf16 GEMM n={} in={} out={} (status {})", n, in,
@@ -78,7 +90,7 @@ Result<Gemm::Plan*> Gemm::GetPlan(int64_t n, int64_t in, int64_t out, const void
   }
   p.algo = results[0].algo;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  if (found > 1 && n >= kTuneMinRows && cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
+  if (found > 1 && n >= tune_min_rows_ && cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
       capture == cudaStreamCaptureStatusNone) {
     if (bias) {
       cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr,

@@ -36,6 +36,7 @@ class Gemm {
 
   // Smallest n whose gate|up output is bf16 (0: always; a huge value: never). Default: prefill-
   // sized steps; smaller (decode) batches keep f32 gate|up, one rounding fewer.
+  // QILIN_SWIGLU_BF16_MIN_ROWS overrides it (for benchmarks).
   static constexpr int64_t kSwiGluBf16MinRows = 256;
   int64_t swiglu_bf16_min_rows() const { return swiglu_bf16_min_rows_; }
   void set_swiglu_bf16_min_rows(int64_t rows) { swiglu_bf16_min_rows_ = rows; }
@@ -50,14 +51,16 @@ class Gemm {
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
   };
-  // The plan of this shape; made on first use. Shapes of at least kTuneMinRows rows met outside
-  // graph capture time up to kTuneCandidates heuristic algorithms on the call's own buffers and
-  // keep the fastest (the heuristic's first pick ran 636 TFLOP/s on Qwen2.5-7B's gate_up at 4096
-  // rows where 8192^3 runs ~790).
+  // The plan of this shape; made on first use. Shapes of at least tune_min_rows_ rows met
+  // outside graph capture time up to tune_candidates_ heuristic algorithms on the call's own
+  // buffers and keep the fastest (the heuristic's first pick ran 636 TFLOP/s on Qwen2.5-7B's
+  // gate_up at 4096 rows where 8192^3 runs ~790). QILIN_GEMM_TUNE_CANDIDATES and
+  // QILIN_GEMM_TUNE_MIN_ROWS override the defaults (for benchmarks).
   Result<Plan*> GetPlan(int64_t n, int64_t in, int64_t out, const void* x, const void* w,
                         const void* bias, void* y, bool y_f32, cudaStream_t stream);
-  static constexpr int kTuneCandidates = 8;
-  static constexpr int64_t kTuneMinRows = 64;
+  static constexpr int kMaxTuneCandidates = 64;
+  int tune_candidates_ = 8;
+  int64_t tune_min_rows_ = 64;
 
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
