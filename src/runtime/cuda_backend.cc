@@ -552,17 +552,24 @@ CudaBackend::InputLayout CudaBackend::MakeLayout(int32_t n, int32_t seqs, int32_
   return il;
 }
 
+// Regrows one of a staging's pinned buffers to twice `bytes` (at least `min_cap`). The buffer is
+// free: the step that used this staging last was waited for.
+static Status GrowPinned(char** buf, size_t* cap, size_t bytes, size_t min_cap, const char* what) {
+  if (bytes <= *cap) return Status::Ok();
+  if (*buf) cudaFreeHost(*buf);
+  *buf = nullptr;
+  *cap = 0;
+  const size_t want = std::max(bytes * 2, min_cap);
+  QILIN_CUDA_RETURN(cudaMallocHost(buf, want), what);
+  *cap = want;
+  return Status::Ok();
+}
+
 Status CudaBackend::EnsureInputBuffers(size_t bytes) {
   const size_t cap = std::max<size_t>(bytes * 2, 1 << 20);
   Staging& st = staging_[cur_];
-  if (bytes > st.in_cap) {
-    // Free: the step that used this staging last was waited for.
-    if (st.in) cudaFreeHost(st.in);
-    st.in = nullptr;
-    st.in_cap = 0;
-    QILIN_CUDA_RETURN(cudaMallocHost(&st.in, cap), "cudaMallocHost(step inputs)");
-    st.in_cap = cap;
-  }
+  QILIN_RETURN_IF_ERROR(
+      GrowPinned(&st.in, &st.in_cap, bytes, 1 << 20, "cudaMallocHost(step inputs)"));
   if (bytes <= dev_in_cap_) return Status::Ok();
   // The graphs and any launched step read dev_in_.
   QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before regrowing inputs");
@@ -749,14 +756,8 @@ Status CudaBackend::UploadSampleInputs(std::span<const DeviceSampleSpec> specs) 
   const size_t bytes = params_b + entries_b + saved_b + m * sizeof(cuda::SampleRowOut);
   const size_t cap = std::max<size_t>(bytes * 2, 1 << 16);
   Staging& st = staging_[cur_];
-  if (bytes > st.sample_cap) {
-    // Free: the step that used this staging last was waited for.
-    if (st.sample) cudaFreeHost(st.sample);
-    st.sample = nullptr;
-    st.sample_cap = 0;
-    QILIN_CUDA_RETURN(cudaMallocHost(&st.sample, cap), "cudaMallocHost(sampling inputs)");
-    st.sample_cap = cap;
-  }
+  QILIN_RETURN_IF_ERROR(
+      GrowPinned(&st.sample, &st.sample_cap, bytes, 1 << 16, "cudaMallocHost(sampling inputs)"));
   if (bytes > sample_dev_cap_) {
     // A launched step's outputs are copied out of sample_dev_ before this sync returns.
     QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before regrowing sampling inputs");
