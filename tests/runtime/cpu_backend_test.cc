@@ -12,6 +12,7 @@
 
 #include "model/weights.h"
 #include "runtime/backend_factory.h"
+#include "runtime/validate_batch.h"
 
 namespace qilin {
 namespace {
@@ -483,6 +484,25 @@ TEST(CpuBackend, BadBatchesAreRejected) {
     EXPECT_NE(st.message().find(cs.expect), std::string::npos)
         << "want '" << cs.expect << "' in: " << st.message();
   }
+  // Launched steps' placeholders (Backend::PreviousRowToken) pass only for a row the previous
+  // step sampled; the CPU backend launches no steps, so to it they are ids outside the vocabulary.
+  ForwardBatch ph = good;
+  ph.token_ids[5] = Backend::PreviousRowToken(2);
+  EXPECT_TRUE(ValidateForwardBatch(ph, c, backend->kv_layout(), 3).ok());
+  Status st = ValidateForwardBatch(ph, c, backend->kv_layout(), 2);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("token_ids[5] = -3 stands for row 2 of the previous step, which "
+                              "sampled 2 rows"),
+            std::string::npos)
+      << st.message();
+  st = ValidateForwardBatch(ph, c, backend->kv_layout());
+  EXPECT_NE(st.message().find("token_ids[5] = -3 is outside the vocabulary"), std::string::npos)
+      << st.message();
+  EXPECT_FALSE(backend->SupportsLaunchedSteps());
+  EXPECT_EQ(backend->Forward(ph, &logits).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(backend->LaunchForwardSample(good, {}).code(), StatusCode::kUnimplemented);
+  std::vector<DeviceSampleResult> results;
+  EXPECT_EQ(backend->WaitForwardSample(&results).code(), StatusCode::kUnimplemented);
 }
 
 TEST(CpuBackend, KvPoolSizingAndCopy) {

@@ -90,6 +90,17 @@ run bench 300 "$G/qilin_bench_cuda_decode" --model "$G/configs/qwen2.5-7b"
 # The same decode and 128/128 figures without programmatic dependent launch (QILIN_PDL=0).
 run bench_nopdl 150 env QILIN_PDL=0 "$G/qilin_bench_cuda_decode" --model "$G/configs/qwen2.5-7b" \
   --profile 0 --long 0
+# Decode attention with one split per (token, KV head) wherever the batch alone fills the GPU
+# (QILIN_DECODE_SPLIT_FACTOR=1) against the default (4), on all three 64-sequence workloads.
+run bench_split1 150 env QILIN_DECODE_SPLIT_FACTOR=1 "$G/qilin_bench_cuda_decode" \
+  --model "$G/configs/qwen2.5-7b" --profile 0 --long 1
+# The engine in-process (qilin bench): steps overlapped (the default) vs one at a time.
+for ov in "" "--no-overlap"; do
+  run "engine_b1$ov" 120 "$G/qilin" bench --model "$G/configs/qwen2.5-7b" --dummy-weights \
+    --device cuda --num-requests 4 --concurrency 1 --input-len 128 --output-len 256 $ov
+  run "engine_c64$ov" 120 "$G/qilin" bench --model "$G/configs/qwen2.5-7b" --dummy-weights \
+    --device cuda --num-requests 64 --input-len 128 --output-len 128 $ov
+done
 if [ -f "$G/torch_baseline.py" ]; then run torch 200 python3 "$G/torch_baseline.py" "$G/configs/qwen2.5-7b"; fi
 fi
 # Tensor parallelism over GPUs (issue 8), only where 2+ GPUs are visible: the TP and NCCL tests,
@@ -122,6 +133,12 @@ tail -n 2 "$OUT/generate.log" 2>/dev/null
 sed -n '/== qilin CUDA backend/,$p' "$OUT/bench.log" 2>/dev/null
 echo "-- without PDL (QILIN_PDL=0):"
 grep -E "batch-1 decode|64 x" "$OUT/bench_nopdl.log" 2>/dev/null
+echo "-- decode attention split factor 1 (QILIN_DECODE_SPLIT_FACTOR=1):"
+grep -E "64 x" "$OUT/bench_split1.log" 2>/dev/null
+echo "-- the engine in-process, overlapped steps vs --no-overlap:"
+for f in engine_b1 engine_b1--no-overlap engine_c64 engine_c64--no-overlap; do
+  [ -f "$OUT/$f.log" ] && echo "$f: $(grep -E 'output tokens/s|^inter-token' "$OUT/$f.log" | tr -s ' ' | tr '\n' ' ')"
+done
 tail -n 8 "$OUT/torch.log" 2>/dev/null
 cat "$OUT/tp_summary.txt" 2>/dev/null
 echo "== tokenizer"; tail -n 12 "$OUT/tok_qilin.log" 2>/dev/null; tail -n 12 "$OUT/tok_reference.log" 2>/dev/null
