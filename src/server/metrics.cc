@@ -230,6 +230,10 @@ std::string ServerMetrics::Render(const EngineStats& s, int64_t open_connections
       fmt::format("qilin_engine_generated_tokens_total{{{}}} {}\n", model_only, s.generated_tokens);
   Header(&out, "qilin_engine_steps_total", "counter", "Engine steps run");
   out += fmt::format("qilin_engine_steps_total{{{}}} {}\n", model_only, s.steps);
+  Header(&out, "qilin_engine_overlapped_steps_total", "counter",
+         "Engine steps launched while the previous step still ran on the device");
+  out +=
+      fmt::format("qilin_engine_overlapped_steps_total{{{}}} {}\n", model_only, s.overlapped_steps);
   Header(&out, "qilin_preemptions_total", "counter", "Sequences preempted for KV blocks");
   out += fmt::format("qilin_preemptions_total{{{}}} {}\n", model_only, s.preemptions);
   return out;
