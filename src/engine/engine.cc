@@ -90,6 +90,15 @@ Status ValidateParams(const SamplingParams& p, int32_t vocab) {
   return Status::Ok();
 }
 
+// A row the device sampled, as the host sampler reports it (its top list moved out).
+SampleResult FromDevice(DeviceSampleResult* d) {
+  SampleResult r;
+  r.token = d->token;
+  r.logprob = d->logprob;
+  r.top = std::move(d->top);
+  return r;
+}
+
 // Leaves a valid UTF-8 prefix: moves `n` back off continuation bytes.
 size_t Utf8Boundary(const std::string& s, size_t n) {
   while (n > 0 && n < s.size() && (static_cast<unsigned char>(s[n]) & 0xC0) == 0x80) --n;
@@ -419,11 +428,7 @@ Status Engine::LaunchStep(SchedulerOutput out) {
     ls.context_end.push_back(s->num_computed);
     if (!e.sample) continue;
     s->tokens.push_back(Backend::PreviousRowToken(row++));
-    const int32_t len = static_cast<int32_t>(s->tokens.size());
-    if (len - e.group->prompt_len >= e.group->request.sampling.max_tokens ||
-        len >= config_.max_seq_len) {
-      s->final_pending = true;
-    }
+    if (AtLength(*e.group, static_cast<int32_t>(s->tokens.size()))) s->final_pending = true;
   }
   ls.out = std::move(out);
   launched_.push_back(std::move(ls));
@@ -462,22 +467,15 @@ Status Engine::FinishLaunched() {
     Sequence* s = e.seq;
     const int32_t end = ls.context_end[i];
     kv_->CommitFullBlocks(&s->kv, s->tokens, std::min(end, s->num_computed));
-    if (!e.sample) {
-      prefill_tokens_ += e.num_new_tokens;
-      continue;
-    }
-    if (e.num_new_tokens > 1) prefill_tokens_ += e.num_new_tokens - 1;
+    prefill_tokens_ += e.num_new_tokens - (e.sample ? 1 : 0);
+    if (!e.sample) continue;
     DeviceSampleResult& d = device_results_[r];
     if (d.on_host || d.token < 0 || d.token >= vocab_) {
       FailIds({g->id}, Internal("backend {} sampled no valid token for request {} (token {})",
                                 backend_.name(), g->id, d.token));
       continue;
     }
-    SampleResult res;
-    res.token = d.token;
-    res.logprob = d.logprob;
-    res.top = std::move(d.top);
-    Accept(g, s, res, end);
+    Accept(g, s, FromDevice(&d), end);
   }
   ReleaseFinished();
   output_ns_ += NowNs() - t1;
@@ -487,6 +485,10 @@ Status Engine::FinishLaunched() {
 Status Engine::RunUntilIdle() {
   while (HasWork()) QILIN_RETURN_IF_ERROR(Step());
   return Status::Ok();
+}
+
+bool Engine::AtLength(const SequenceGroup& g, int32_t len) const {
+  return len - g.prompt_len >= g.request.sampling.max_tokens || len >= config_.max_seq_len;
 }
 
 bool Engine::IsEos(const SequenceGroup& g, int32_t token) const {
@@ -546,14 +548,12 @@ void Engine::ProcessOutputs(const SchedulerOutput& out, bool device) {
   for (const ScheduledSeq& e : out.seqs) {
     e.seq->num_computed += e.num_new_tokens;
     kv_->CommitFullBlocks(&e.seq->kv, e.seq->tokens, e.seq->num_computed);
+    prefill_tokens_ += e.num_new_tokens - (e.sample ? 1 : 0);  // the sampled token is generated
     if (e.sample) {
       rows.push_back(
           {e.group, e.seq,
            device ? nullptr : logits_.data() + rows.size() * static_cast<size_t>(vocab_)});
-    } else {
-      prefill_tokens_ += e.num_new_tokens;
     }
-    if (e.sample && e.num_new_tokens > 1) prefill_tokens_ += e.num_new_tokens - 1;
   }
 
   // 2. Sample the plain rows in parallel (each row's draws depend only on its own sequence).
@@ -571,9 +571,7 @@ void Engine::ProcessOutputs(const SchedulerOutput& out, bool device) {
     if (device) {
       DeviceSampleResult& d = device_results_[i];
       if (!d.on_host) {
-        results[i].token = d.token;
-        results[i].logprob = d.logprob;
-        results[i].top = std::move(d.top);
+        results[i] = FromDevice(&d);
         continue;
       }
       logits = d.logits.data();  // the device handed this row back: sample it here
@@ -660,13 +658,12 @@ void Engine::Accept(SequenceGroup* g, Sequence* s, const SampleResult& r, int32_
   resp.token_ids.push_back(r.token);
   if (p.logprobs >= 0) resp.logprobs.push_back({r.token, r.logprob, r.top});
   const int32_t generated = len - g->prompt_len;
+  const bool at_length = AtLength(*g, len);
   FinishReason reason = FinishReason::kNone;
   if (IsEos(*g, r.token) && generated >= p.min_tokens) reason = FinishReason::kStop;
   if (s->detok) {
     s->text += s->detok->Push(r.token);
-    if (reason != FinishReason::kNone || generated >= p.max_tokens || len >= config_.max_seq_len) {
-      s->text += s->detok->Flush();
-    }
+    if (reason != FinishReason::kNone || at_length) s->text += s->detok->Flush();
     // Stop strings: search the text not yet sent (plus an overlap for matches across it).
     size_t cut = std::string::npos;
     if (!p.stop.empty()) {
@@ -682,8 +679,7 @@ void Engine::Accept(SequenceGroup* g, Sequence* s, const SampleResult& r, int32_
       s->text.resize(std::max(cut, s->emitted_text));
       send_to = s->text.size();
       reason = FinishReason::kStop;
-    } else if (reason != FinishReason::kNone || generated >= p.max_tokens ||
-               len >= config_.max_seq_len) {
+    } else if (reason != FinishReason::kNone || at_length) {
       send_to = s->text.size();
     } else {
       // Hold back what could still be the start of a stop string.
@@ -694,11 +690,7 @@ void Engine::Accept(SequenceGroup* g, Sequence* s, const SampleResult& r, int32_
     resp.text = s->text.substr(s->emitted_text, send_to - s->emitted_text);
     s->emitted_text = send_to;
   }
-  if (reason == FinishReason::kNone) {
-    if (generated >= p.max_tokens || len >= config_.max_seq_len) {
-      reason = FinishReason::kLength;
-    }
-  }
+  if (reason == FinishReason::kNone && at_length) reason = FinishReason::kLength;
   if (reason != FinishReason::kNone) {
     s->tokens.resize(len);  // drops an overlapped step's placeholder after it
     s->finished = true;
@@ -792,8 +784,7 @@ void Engine::BeamStep(SequenceGroup* g, const std::vector<std::pair<Sequence*, f
              seqs.end());
   for (size_t k = 0; k < seqs.size(); ++k) seqs[k]->index = static_cast<int32_t>(k);
 
-  const bool at_length =
-      generated + 1 >= p.max_tokens || g->prompt_len + generated + 1 >= config_.max_seq_len;
+  const bool at_length = AtLength(*g, g->prompt_len + generated + 1);
   const bool enough = static_cast<int32_t>(g->hypotheses.size()) >= width;
   if (at_length || enough || seqs.empty()) {
     if (!enough || seqs.empty()) {

@@ -152,6 +152,8 @@ class Engine {
   void FinishBeams(SequenceGroup* g);
   void MaskedFor(const SequenceGroup& g, const Sequence& s, std::vector<int32_t>* out) const;
   bool IsEos(const SequenceGroup& g, int32_t token) const;
+  // Whether a sequence of `len` tokens (prompt included) is at max_tokens or the model length.
+  bool AtLength(const SequenceGroup& g, int32_t len) const;
   void FailAll(const SchedulerOutput& out, const Status& status);
   // A launched step: what was scheduled (its pointers are checked against the scheduler before
   // use: a request may be gone by the time the step is waited for), per scheduled sequence its
