@@ -480,7 +480,8 @@ TEST(CudaOps, PagedAttentionDecodeTensorCores) {
   CheckAttention(64, 16, 1, false, true);
   CheckAttention(128, 16, 2, false, true);
   // Decode batches whose (token, KV head) pairs ask for fewer, longer splits than
-  // DecodePartition's (DecodeTargetSplits: about 4 blocks per SM), contexts 1 .. 2100.
+  // DecodePartition's (DecodeTargetSplits: about 4 blocks per SM), contexts 1 .. 2100; from 40
+  // tokens on (160+ pairs, a block per SM of 132) contexts of at most 256 keys are one split.
   for (int tokens : {9, 24, 40, 64, 150}) {
     std::vector<std::pair<int32_t, int32_t>> batch;
     for (int i = 0; i < tokens; ++i) batch.push_back({1, 1 + static_cast<int32_t>(rng() % 2100)});

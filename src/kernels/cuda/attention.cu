@@ -20,8 +20,11 @@ constexpr int kStageLoads = 4;       // 16-byte K and V loads in flight per thre
 
 // Keys per split of a context of `ctx` keys: ctx / kMaxSplits rounded up to whole 32-key tiles
 // (one tile per split up to 512 keys), and at least ctx / `target` (the tensor-core kernel's
-// launcher lowers `target` when the batch alone fills the GPU).
-__host__ __device__ inline int32_t Partition(int32_t ctx, int32_t target = kMaxSplits) {
+// launcher lowers `target` when the batch alone fills the GPU); a context of at most
+// `single_keys` keys is one split (the launcher sets it when the batch alone has a block per SM).
+__host__ __device__ inline int32_t Partition(int32_t ctx, int32_t target = kMaxSplits,
+                                             int32_t single_keys = 0) {
+  if (ctx <= single_keys) return ctx > 32 ? (ctx + 31) / 32 * 32 : 32;
   const int32_t per = (ctx + kMaxSplits - 1) / kMaxSplits;
   const int32_t want = (ctx + target - 1) / target;
   const int32_t rounded = ((per > want ? per : want) + 31) / 32 * 32;
@@ -194,13 +197,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
 
 // Block (token, head): merges the splits' (max, sum, unnormalised output).
 __global__ void CombineKernel(const int32_t* tokens, const int32_t* positions, int num_heads,
-                              int head_dim, const float* partial, bf16_t* out, int target_splits) {
+                              int head_dim, const float* partial, bf16_t* out, int target_splits,
+                              int single_keys) {
   PdlLaunchDependents();
   PdlWait();
   const int idx = blockIdx.x, h = blockIdx.y;
   const int32_t t = tokens[idx];
   const int32_t ctx = positions[t] + 1;
-  const int32_t part = Partition(ctx, target_splits);
+  const int32_t part = Partition(ctx, target_splits, single_keys);
   const int32_t nsplit = (ctx + part - 1) / part;
   if (nsplit == 1) return;
   const float* pp =
@@ -561,7 +565,7 @@ template <int D>
 __global__ void __launch_bounds__(kDecMmaWarps * 32)
     DecodeMmaKernel(const bf16_t* q, const bf16_t* k_cache, const bf16_t* v_cache, AttnBatch b,
                     const int32_t* tokens, int num_heads, int num_kv_heads, float scale_log2,
-                    float* partial, bf16_t* out, int target_splits) {
+                    float* partial, bf16_t* out, int target_splits, int single_keys) {
   PdlLaunchDependents();
   extern __shared__ __align__(16) unsigned char dec_smem[];
   using Row = bf16_t[D + kPad];
@@ -570,7 +574,7 @@ __global__ void __launch_bounds__(kDecMmaWarps * 32)
   const int idx = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const int32_t t = tokens[idx];
   const int32_t ctx = b.positions[t] + 1;
-  const int32_t part = Partition(ctx, target_splits);
+  const int32_t part = Partition(ctx, target_splits, single_keys);
   const int32_t nsplit = (ctx + part - 1) / part;
   if (split >= nsplit) return;
   const int32_t start = split * part, end = min(ctx, start + part);
@@ -801,7 +805,7 @@ cudaError_t PagedAttentionDecode(const bf16_t* q, const bf16_t* k_cache, const b
   if (err != cudaSuccess || splits == 1) return err;
   return LaunchPdl(CombineKernel, dim3(count, static_cast<unsigned>(num_heads)), dim3(64), 0,
                    stream, tokens, batch.positions, static_cast<int>(num_heads),
-                   static_cast<int>(head_dim), partial, out, kMaxSplits);
+                   static_cast<int>(head_dim), partial, out, kMaxSplits, 0);
 }
 
 namespace {
@@ -810,7 +814,13 @@ namespace {
 // (token, KV head) pairs: splits = ceil(factor * SMs / pairs), at most kMaxSplits. Fewer, longer
 // splits keep every warp of a block busy (a split of 32 keys leaves half of a 64-key tile empty)
 // and shrink the merge. QILIN_DECODE_SPLIT_FACTOR overrides it (0: always kMaxSplits).
-int DecodeTargetSplits(int64_t count, int64_t num_kv_heads) {
+// And once the pairs alone give a block per SM, a token of at most `single_keys` keys
+// (QILIN_DECODE_SINGLE_SPLIT_KEYS, default 256; 0: off) is one split: no merge at all.
+struct DecodeSplits {
+  int target = kMaxSplits;
+  int single_keys = 0;
+};
+DecodeSplits DecodeTargetSplits(int64_t count, int64_t num_kv_heads) {
   static const int sms = [] {
     int dev = 0, n = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -824,10 +834,17 @@ int DecodeTargetSplits(int64_t count, int64_t num_kv_heads) {
     const char* e = std::getenv("QILIN_DECODE_SPLIT_FACTOR");
     return e ? std::atoi(e) : 4;
   }();
+  static const int single = [] {
+    const char* e = std::getenv("QILIN_DECODE_SINGLE_SPLIT_KEYS");
+    return e ? std::max(0, std::atoi(e)) : 256;
+  }();
   const int64_t pairs = count * num_kv_heads;
-  if (factor <= 0 || sms <= 0 || pairs <= 0) return kMaxSplits;
+  DecodeSplits d;
+  if (factor <= 0 || sms <= 0 || pairs <= 0) return d;  // DecodePartition's splits
   const int64_t t = (static_cast<int64_t>(factor) * sms + pairs - 1) / pairs;
-  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(t, 1), kMaxSplits));
+  d.target = static_cast<int>(std::min<int64_t>(std::max<int64_t>(t, 1), kMaxSplits));
+  if (pairs >= sms) d.single_keys = single;
+  return d;
 }
 
 }  // namespace
@@ -845,7 +862,7 @@ cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, cons
   if (count == 0) return cudaSuccess;
   if (!DecodeMmaSupported(head_dim, num_heads, num_kv_heads)) return cudaErrorInvalidValue;
   const int splits = max_splits < 1 ? 1 : (max_splits > kMaxSplits ? kMaxSplits : max_splits);
-  const int target = DecodeTargetSplits(count, num_kv_heads);
+  const DecodeSplits ds = DecodeTargetSplits(count, num_kv_heads);
   const float scale_log2 = scale * 1.4426950408889634f;
   dim3 grid(count, static_cast<unsigned>(num_kv_heads), splits);
   cudaError_t err = cudaSuccess;
@@ -856,7 +873,8 @@ cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, cons
     if (attr != cudaSuccess) return attr;
     err = LaunchPdl(DecodeMmaKernel<64>, grid, dim3(kDecMmaWarps * 32), DecodeMmaSmemBytes<64>(),
                     stream, q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
-                    static_cast<int>(num_kv_heads), scale_log2, partial, out, target);
+                    static_cast<int>(num_kv_heads), scale_log2, partial, out, ds.target,
+                    ds.single_keys);
   } else {
     static const cudaError_t attr =
         cudaFuncSetAttribute(DecodeMmaKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -864,12 +882,13 @@ cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, cons
     if (attr != cudaSuccess) return attr;
     err = LaunchPdl(DecodeMmaKernel<128>, grid, dim3(kDecMmaWarps * 32), DecodeMmaSmemBytes<128>(),
                     stream, q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
-                    static_cast<int>(num_kv_heads), scale_log2, partial, out, target);
+                    static_cast<int>(num_kv_heads), scale_log2, partial, out, ds.target,
+                    ds.single_keys);
   }
   if (err != cudaSuccess || splits == 1) return err;
   return LaunchPdl(CombineKernel, dim3(count, static_cast<unsigned>(num_heads)), dim3(64), 0,
                    stream, tokens, batch.positions, static_cast<int>(num_heads),
-                   static_cast<int>(head_dim), partial, out, target);
+                   static_cast<int>(head_dim), partial, out, ds.target, ds.single_keys);
 }
 
 bool PrefillSupported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }

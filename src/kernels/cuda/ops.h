@@ -79,7 +79,9 @@ cudaError_t PagedAttentionDecode(const bf16_t* q, const bf16_t* k_cache, const b
 // `partial` layout; the same splits where count * num_kv_heads is small, fewer and longer ones
 // (at most ceil(c / splits) keys each, whole 32-key tiles) where the (token, KV head) pairs alone
 // give about 4 blocks per SM (QILIN_DECODE_SPLIT_FACTOR sets the 4; 0 keeps DecodePartition's
-// splits); head_dim 64 or 128 and at most 16 heads per KV head
+// splits), and one split for a context of at most 256 keys once the pairs alone give a block per
+// SM (QILIN_DECODE_SINGLE_SPLIT_KEYS sets the 256; 0: off); head_dim 64 or 128 and at most 16
+// heads per KV head
 // (DecodeMmaSupported), else cudaErrorInvalidValue. Launched with PDL, it fetches its first K/V
 // tile before waiting for the previous kernel, all but each token's own key (its position): the
 // other keys must not be written by that kernel (decode steps: one new token per sequence).
