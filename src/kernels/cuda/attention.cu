@@ -865,26 +865,18 @@ cudaError_t PagedAttentionDecodeMma(const bf16_t* q, const bf16_t* k_cache, cons
   const DecodeSplits ds = DecodeTargetSplits(count, num_kv_heads);
   const float scale_log2 = scale * 1.4426950408889634f;
   dim3 grid(count, static_cast<unsigned>(num_kv_heads), splits);
-  cudaError_t err = cudaSuccess;
-  if (head_dim == 64) {
+  auto launch = [&]<int D>() -> cudaError_t {
     static const cudaError_t attr =
-        cudaFuncSetAttribute(DecodeMmaKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(DecodeMmaSmemBytes<64>()));
+        cudaFuncSetAttribute(DecodeMmaKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(DecodeMmaSmemBytes<D>()));
     if (attr != cudaSuccess) return attr;
-    err = LaunchPdl(DecodeMmaKernel<64>, grid, dim3(kDecMmaWarps * 32), DecodeMmaSmemBytes<64>(),
-                    stream, q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
-                    static_cast<int>(num_kv_heads), scale_log2, partial, out, ds.target,
-                    ds.single_keys);
-  } else {
-    static const cudaError_t attr =
-        cudaFuncSetAttribute(DecodeMmaKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(DecodeMmaSmemBytes<128>()));
-    if (attr != cudaSuccess) return attr;
-    err = LaunchPdl(DecodeMmaKernel<128>, grid, dim3(kDecMmaWarps * 32), DecodeMmaSmemBytes<128>(),
-                    stream, q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
-                    static_cast<int>(num_kv_heads), scale_log2, partial, out, ds.target,
-                    ds.single_keys);
-  }
+    return LaunchPdl(DecodeMmaKernel<D>, grid, dim3(kDecMmaWarps * 32), DecodeMmaSmemBytes<D>(),
+                     stream, q, k_cache, v_cache, batch, tokens, static_cast<int>(num_heads),
+                     static_cast<int>(num_kv_heads), scale_log2, partial, out, ds.target,
+                     ds.single_keys);
+  };
+  const cudaError_t err =
+      head_dim == 64 ? launch.template operator()<64>() : launch.template operator()<128>();
   if (err != cudaSuccess || splits == 1) return err;
   return LaunchPdl(CombineKernel, dim3(count, static_cast<unsigned>(num_heads)), dim3(64), 0,
                    stream, tokens, batch.positions, static_cast<int>(num_heads),
