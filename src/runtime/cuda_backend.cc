@@ -552,14 +552,13 @@ CudaBackend::InputLayout CudaBackend::MakeLayout(int32_t n, int32_t seqs, int32_
   return il;
 }
 
-// Regrows one of a staging's pinned buffers to twice `bytes` (at least `min_cap`). The buffer is
-// free: the step that used this staging last was waited for.
-static Status GrowPinned(char** buf, size_t* cap, size_t bytes, size_t min_cap, const char* what) {
+// Regrows one of a staging's pinned buffers to `want` bytes where `bytes` do not fit. The buffer
+// is free: the step that used this staging last was waited for.
+static Status GrowPinned(char** buf, size_t* cap, size_t bytes, size_t want, const char* what) {
   if (bytes <= *cap) return Status::Ok();
   if (*buf) cudaFreeHost(*buf);
   *buf = nullptr;
   *cap = 0;
-  const size_t want = std::max(bytes * 2, min_cap);
   QILIN_CUDA_RETURN(cudaMallocHost(buf, want), what);
   *cap = want;
   return Status::Ok();
@@ -569,7 +568,7 @@ Status CudaBackend::EnsureInputBuffers(size_t bytes) {
   const size_t cap = std::max<size_t>(bytes * 2, 1 << 20);
   Staging& st = staging_[cur_];
   QILIN_RETURN_IF_ERROR(
-      GrowPinned(&st.in, &st.in_cap, bytes, 1 << 20, "cudaMallocHost(step inputs)"));
+      GrowPinned(&st.in, &st.in_cap, bytes, cap, "cudaMallocHost(step inputs)"));
   if (bytes <= dev_in_cap_) return Status::Ok();
   // The graphs and any launched step read dev_in_.
   QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before regrowing inputs");
@@ -757,7 +756,7 @@ Status CudaBackend::UploadSampleInputs(std::span<const DeviceSampleSpec> specs) 
   const size_t cap = std::max<size_t>(bytes * 2, 1 << 16);
   Staging& st = staging_[cur_];
   QILIN_RETURN_IF_ERROR(
-      GrowPinned(&st.sample, &st.sample_cap, bytes, 1 << 16, "cudaMallocHost(sampling inputs)"));
+      GrowPinned(&st.sample, &st.sample_cap, bytes, cap, "cudaMallocHost(sampling inputs)"));
   if (bytes > sample_dev_cap_) {
     // A launched step's outputs are copied out of sample_dev_ before this sync returns.
     QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before regrowing sampling inputs");
