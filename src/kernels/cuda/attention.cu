@@ -8,6 +8,7 @@
 
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/ptx.cuh"
 
 namespace qilin::cuda {
 namespace {
@@ -233,14 +234,6 @@ constexpr int kWarpRows = 32;                             // query rows per warp
 constexpr int kPrefillWarps = kPrefillTileQ / kWarpRows;  // 4
 constexpr int kKeyTile = 64;
 constexpr int kPad = 8;  // bf16 padding per shared row: row strides of 4 (mod 32) words
-
-__device__ __forceinline__ void Mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);

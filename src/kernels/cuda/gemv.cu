@@ -8,6 +8,7 @@
 
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/ptx.cuh"
 
 namespace qilin::cuda {
 namespace {
@@ -15,14 +16,6 @@ namespace {
 constexpr int kWarps = 4;       // warps (output rows) per block: ~7 blocks per SM for 3584 rows
 constexpr int kUnroll = 4;      // 16-byte weight loads in flight per lane and weight row
 constexpr int kUnrollLong = 8;  // the same for long rows (in >= 8192, no SwiGLU)
-
-__device__ __forceinline__ uint4 LoadStream(const uint4* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
 
 __device__ __forceinline__ float Lo(uint32_t u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float Hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
