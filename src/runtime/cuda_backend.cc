@@ -567,8 +567,7 @@ static Status GrowPinned(char** buf, size_t* cap, size_t bytes, size_t want, con
 Status CudaBackend::EnsureInputBuffers(size_t bytes) {
   const size_t cap = std::max<size_t>(bytes * 2, 1 << 20);
   Staging& st = staging_[cur_];
-  QILIN_RETURN_IF_ERROR(
-      GrowPinned(&st.in, &st.in_cap, bytes, cap, "cudaMallocHost(step inputs)"));
+  QILIN_RETURN_IF_ERROR(GrowPinned(&st.in, &st.in_cap, bytes, cap, "cudaMallocHost(step inputs)"));
   if (bytes <= dev_in_cap_) return Status::Ok();
   // The graphs and any launched step read dev_in_.
   QILIN_CUDA_RETURN(cudaStreamSynchronize(stream_), "sync before regrowing inputs");
