@@ -92,7 +92,7 @@ run bench_nopdl 150 env QILIN_PDL=0 "$G/qilin_bench_cuda_decode" --model "$G/con
   --profile 0 --long 0
 # Decode attention with one split per (token, KV head) wherever the batch alone fills the GPU
 # (QILIN_DECODE_SPLIT_FACTOR=1) against the default (4), on all three 64-sequence workloads.
-run bench_split1 150 env QILIN_DECODE_SPLIT_FACTOR=1 "$G/qilin_bench_cuda_decode" \
+run bench_nosingle 150 env QILIN_DECODE_SINGLE_SPLIT_KEYS=0 "$G/qilin_bench_cuda_decode" \
   --model "$G/configs/qwen2.5-7b" --profile 0 --long 1
 # The engine in-process (qilin bench): steps overlapped (the default) vs one at a time.
 for ov in "" "--no-overlap"; do
@@ -133,8 +133,8 @@ tail -n 2 "$OUT/generate.log" 2>/dev/null
 sed -n '/== qilin CUDA backend/,$p' "$OUT/bench.log" 2>/dev/null
 echo "-- without PDL (QILIN_PDL=0):"
 grep -E "batch-1 decode|64 x" "$OUT/bench_nopdl.log" 2>/dev/null
-echo "-- decode attention split factor 1 (QILIN_DECODE_SPLIT_FACTOR=1):"
-grep -E "64 x" "$OUT/bench_split1.log" 2>/dev/null
+echo "-- decode attention without the short-context single split (QILIN_DECODE_SINGLE_SPLIT_KEYS=0):"
+grep -E "64 x" "$OUT/bench_nosingle.log" 2>/dev/null
 echo "-- the engine in-process, overlapped steps vs --no-overlap:"
 for f in engine_b1 engine_b1--no-overlap engine_c64 engine_c64--no-overlap; do
   [ -f "$OUT/$f.log" ] && echo "$f: $(grep -E 'output tokens/s|^inter-token' "$OUT/$f.log" | tr -s ' ' | tr '\n' ' ')"
