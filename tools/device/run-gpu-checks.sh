@@ -90,8 +90,8 @@ run bench 300 "$G/qilin_bench_cuda_decode" --model "$G/configs/qwen2.5-7b"
 # The same decode and 128/128 figures without programmatic dependent launch (QILIN_PDL=0).
 run bench_nopdl 150 env QILIN_PDL=0 "$G/qilin_bench_cuda_decode" --model "$G/configs/qwen2.5-7b" \
   --profile 0 --long 0
-# Decode attention with one split per (token, KV head) wherever the batch alone fills the GPU
-# (QILIN_DECODE_SPLIT_FACTOR=1) against the default (4), on all three 64-sequence workloads.
+# Decode attention without the short-context single split (QILIN_DECODE_SINGLE_SPLIT_KEYS=0:
+# factor-4 splits at every context) against the default, on all three 64-sequence workloads.
 run bench_nosingle 150 env QILIN_DECODE_SINGLE_SPLIT_KEYS=0 "$G/qilin_bench_cuda_decode" \
   --model "$G/configs/qwen2.5-7b" --profile 0 --long 1
 # The engine in-process (qilin bench): steps overlapped (the default) vs one at a time.
