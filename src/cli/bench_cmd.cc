@@ -7,6 +7,7 @@
 // TPOT and end-to-end latency (mean, p50, p90, p99) and request / token throughput; --json for
 // tools.
 #include <algorithm>
+#include <chrono>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -31,6 +32,7 @@ struct BenchOptions {
   std::string model_dir;
   bool dummy_weights = false;
   bool no_overlap = false;
+  bool no_warmup = false;
   std::string device = "auto";
   TpFlags tpf;  // in-process: tensor parallel ranks and where they run
   std::string url;
@@ -114,6 +116,13 @@ int RunBench(BenchOptions o) {
       ec.kv_cache_tokens = std::max<int64_t>(want, ec.block_size);
     }
     engine = OrThrow(Engine::Create(*backend, ec));
+    int64_t warmup_steps = 0;
+    double warmup_s = 0;
+    if (!o.no_warmup) {
+      const auto t0 = std::chrono::steady_clock::now();
+      warmup_steps = OrThrow(engine->WarmUp());
+      warmup_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
     engine->Start();
     runner = bench::OfflineRunner(engine.get());
     setup = {{"mode", "offline"},
@@ -125,7 +134,9 @@ int RunBench(BenchOptions o) {
              {"tp_launch", o.tpf.launch.mode},
              {"max_batch_size", ec.max_batch_size},
              {"kv_cache_blocks", engine->stats().kv_blocks_total},
-             {"block_size", ec.block_size}};
+             {"block_size", ec.block_size},
+             {"warmup_steps", warmup_steps},
+             {"warmup_s", warmup_s}};
   } else if (!o.url.empty()) {
     o.workload.vocab = o.vocab > 0 ? o.vocab : 30000;
     bench::HttpTarget t = OrThrow(bench::ParseHttpUrl(o.url));
@@ -177,6 +188,8 @@ RegisterCommand reg(
       sub.add_flag("--no-overlap", o->no_overlap,
                    "in-process: run engine steps one at a time (no host work overlapped with the "
                    "device's step)");
+      sub.add_flag("--no-warmup", o->no_warmup,
+                   "in-process: measure from a cold engine (no warm-up steps before the workload)");
       AddTpFlags(sub, &o->tpf, "in-process: tensor parallel ranks (one GPU each on cuda)");
       sub.add_option("--url", o->url, "a running server's HTTP URL (OpenAI streaming completions)");
       sub.add_option("--grpc", o->grpc,

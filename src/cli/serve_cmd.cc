@@ -49,6 +49,7 @@ struct ServeOptions {
   int32_t block_size = 32;
   bool no_prefix_cache = false;
   bool no_overlap = false;
+  bool no_warmup = false;
   int64_t max_model_len = 0;
   int32_t max_queue = 1024;
   int http_threads = 2;
@@ -260,6 +261,7 @@ int RunServe(ServeOptions o) {
   po.engine.block_size = o.block_size;
   po.engine.enable_prefix_caching = !o.no_prefix_cache;
   po.engine.overlap_steps = !o.no_overlap;
+  po.warm_up = !o.no_warmup;
   if (from_repo) {
     const server::RepositorySettings& rs = repo.settings;
     if (rs.max_batch_size > 0) po.engine.max_batch_size = rs.max_batch_size;
@@ -462,6 +464,9 @@ RegisterCommand reg(
       sub.add_flag("--no-overlap", o->no_overlap,
                    "run engine steps one at a time (by default the host prepares step N+1 while "
                    "the GPU runs step N)");
+      sub.add_flag("--no-warmup", o->no_warmup,
+                   "start serving without the warm-up steps (on cuda they capture the decode "
+                   "graphs and tune the GEMMs before the first request instead of during it)");
       sub.add_option("--max-model-len", o->max_model_len,
                      "prompt + output limit (0: from config.json)")
           ->capture_default_str();

@@ -482,6 +482,53 @@ Status Engine::FinishLaunched() {
   return Status::Ok();
 }
 
+Result<int64_t> Engine::WarmUp() {
+  if (loop_running_.load()) return FailedPrecondition("WarmUp runs before Start()");
+  if (HasWork()) return FailedPrecondition("WarmUp runs before the first request");
+  const std::vector<int32_t> sizes = backend_.WarmUpBatchSizes(config_.max_batch_size);
+  if (sizes.empty()) return int64_t{0};
+  const int64_t id0 = next_id_.load();
+  const uint64_t seed0 = seed_counter_.load();
+  const int32_t blocks = kv_->num_blocks(), bs = kv_->block_size();
+  uint32_t salt = 0;
+  // `count` greedy requests of `len` prompt tokens (distinct per request: no prefix sharing).
+  auto wave = [&](int32_t count, int32_t len, int32_t max_tokens) -> Status {
+    for (int32_t i = 0; i < count; ++i) {
+      Request r;
+      r.prompt.resize(len);
+      for (int32_t j = 0; j < len; ++j) {
+        r.prompt[j] = static_cast<int32_t>((uint64_t{++salt} * 2654435761u) % vocab_);
+      }
+      r.sampling.temperature = 0.0f;
+      r.sampling.max_tokens = max_tokens;
+      r.sampling.ignore_eos = true;
+      QILIN_RETURN_IF_ERROR(Submit(std::move(r)).status());
+    }
+    return RunUntilIdle();
+  };
+  const int64_t steps0 = scheduler_->stats().num_steps;
+  for (int32_t b : sizes) {
+    // Each request holds one block (a one-token prompt and two outputs, whatever the block size).
+    if (b <= 0 || b > config_.max_batch_size || b > blocks) continue;
+    QILIN_RETURN_IF_ERROR(wave(b, 1, 2));
+  }
+  // The largest prefill step: max_num_tokens prompt tokens, as few requests as max_seq_len allows.
+  const int64_t room = int64_t{blocks} * bs;
+  const int32_t total = static_cast<int32_t>(std::min<int64_t>(config_.max_num_tokens, room / 2));
+  const int32_t len = std::min(total, config_.max_seq_len - 1);
+  if (len > 0) QILIN_RETURN_IF_ERROR(wave(std::max(1, total / len), len, 1));
+  const int64_t steps = scheduler_->stats().num_steps - steps0;
+  // Nothing of the dummy requests stays behind: no cached prefixes, no counts.
+  kv_->ResetCacheAndStats();
+  scheduler_->ResetStats();
+  overlapped_steps_ = prefill_tokens_ = generated_tokens_ = requests_finished_ = 0;
+  schedule_ns_ = forward_ns_ = sample_ns_ = output_ns_ = 0;
+  next_id_.store(id0);
+  seed_counter_.store(seed0);
+  PublishStats();
+  return steps;
+}
+
 Status Engine::RunUntilIdle() {
   while (HasWork()) QILIN_RETURN_IF_ERROR(Step());
   return Status::Ok();

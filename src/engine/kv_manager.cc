@@ -245,4 +245,15 @@ bool KvManager::CheckInvariants(const std::vector<const KvSequence*>& tables) co
   return true;
 }
 
+void KvManager::ResetCacheAndStats() {
+  assert(num_free_ == num_blocks_);
+  for (Block& b : blocks_) {
+    b.cached = false;
+    b.hash = b.parent_hash = 0;
+    b.tokens.clear();
+  }
+  cache_.clear();
+  stats_ = KvStats{};
+}
+
 }  // namespace qilin

@@ -139,6 +139,7 @@ class Scheduler {
   int32_t num_waiting() const { return static_cast<int32_t>(waiting_.size()); }
   bool has_work() const { return !running_.empty() || !waiting_.empty(); }
   const SchedulerStats& stats() const { return stats_; }
+  void ResetStats() { stats_ = SchedulerStats{}; }
   // Every sequence's KV state (for invariant checks in tests).
   std::vector<const KvSequence*> AllKvSequences() const;
   std::vector<int64_t> AllRequestIds() const;

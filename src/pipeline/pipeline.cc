@@ -232,6 +232,17 @@ Result<std::unique_ptr<ModelPipeline>> ModelPipeline::Create(const std::string& 
   info.created_unix = std::chrono::duration_cast<std::chrono::seconds>(
                           std::chrono::system_clock::now().time_since_epoch())
                           .count();
+  if (options.warm_up) {
+    const auto t0 = std::chrono::steady_clock::now();
+    QILIN_ASSIGN_OR_RETURN(const int64_t steps, p->engine_->WarmUp());
+    if (steps > 0) {
+      spdlog::info(
+          "warm-up: {} steps in {:.2f} s (decode graphs and GEMM plans for batch sizes up "
+          "to {}, a {}-token prefill)",
+          steps, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+          ec.max_batch_size, ec.max_num_tokens);
+    }
+  }
   p->engine_->Start();
   return p;
 }

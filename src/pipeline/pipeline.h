@@ -43,6 +43,9 @@ struct PipelineOptions {
   // fraction of available host memory; 0: engine.kv_cache_memory_fraction alone.
   double cpu_kv_cache_memory_fraction = 0.1;
   bool dummy_weights = false;  // random weights (for speed tests without a checkpoint)
+  // Engine::WarmUp before serving (CUDA: decode graphs captured and GEMM plans tuned for every
+  // batch-size bucket and the largest prefill now, not in the first clients' requests).
+  bool warm_up = true;
   // Where tokenizer.json / tokenizer_config.json are; empty: the model folder. With
   // dummy_weights a folder of config.json alone (configs/qwen2.5-7b) serves with another's.
   std::string tokenizer_dir;

@@ -69,6 +69,11 @@ class Backend {
     return Unimplemented("backend {} does not launch steps asynchronously", name());
   }
 
+  // Batch sizes whose first step costs more than later ones (CUDA: the decode graph of that size
+  // is captured and the GEMM plans of that row count tuned at first use), for Engine::WarmUp to
+  // run before serving; empty: nothing to warm up (the default).
+  virtual std::vector<int32_t> WarmUpBatchSizes(int32_t max_batch_size) const { return {}; }
+
   // Copies whole KV blocks (src -> dst), for copy-on-write when sequences fork.
   virtual Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) = 0;
 

@@ -503,6 +503,18 @@ Status CudaBackend::SetDecodeAttentionMma(bool on) {
   return Status::Ok();
 }
 
+std::vector<int32_t> CudaBackend::WarmUpBatchSizes(int32_t max_batch_size) const {
+  std::vector<int32_t> sizes;
+  for (int32_t b : kGraphBuckets) {
+    if (b <= max_batch_size) sizes.push_back(b);
+  }
+  if (max_batch_size > 0 && max_batch_size < kGraphBuckets[std::size(kGraphBuckets) - 1] &&
+      (sizes.empty() || sizes.back() != max_batch_size)) {
+    sizes.push_back(max_batch_size);
+  }
+  return sizes;
+}
+
 Status CudaBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
   QILIN_RETURN_IF_ERROR(ValidateBlockPairs(src_dst, layout_));
   if (src_dst.empty()) return Status::Ok();

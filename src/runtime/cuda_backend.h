@@ -84,6 +84,9 @@ class CudaBackend : public Backend {
                              std::span<const DeviceSampleSpec> specs) override;
   Status WaitForwardSample(std::vector<DeviceSampleResult>* results) override;
   Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) override;
+  // The decode graph buckets up to max_batch_size (and max_batch_size itself, whose steps run in
+  // the next bucket): each is captured, and its GEMM plans tuned, by the first step of that size.
+  std::vector<int32_t> WarmUpBatchSizes(int32_t max_batch_size) const override;
 
   // Rank of a tensor-parallel group (CudaBackendOptions::tp_comm).
   bool tp() const { return options_.tp_comm != nullptr; }
