@@ -95,7 +95,7 @@ run bench_nopdl 150 env QILIN_PDL=0 "$G/qilin_bench_cuda_decode" --model "$G/con
 run bench_nosingle 150 env QILIN_DECODE_SINGLE_SPLIT_KEYS=0 "$G/qilin_bench_cuda_decode" \
   --model "$G/configs/qwen2.5-7b" --profile 0 --long 1
 # The engine in-process (qilin bench): steps overlapped (the default) vs one at a time.
-for ov in "" "--no-overlap"; do
+for ov in "" "--no-overlap" "--no-warmup"; do
   run "engine_b1$ov" 120 "$G/qilin" bench --model "$G/configs/qwen2.5-7b" --dummy-weights \
     --device cuda --num-requests 4 --concurrency 1 --input-len 128 --output-len 256 $ov
   run "engine_c64$ov" 120 "$G/qilin" bench --model "$G/configs/qwen2.5-7b" --dummy-weights \
@@ -135,8 +135,9 @@ echo "-- without PDL (QILIN_PDL=0):"
 grep -E "batch-1 decode|64 x" "$OUT/bench_nopdl.log" 2>/dev/null
 echo "-- decode attention without the short-context single split (QILIN_DECODE_SINGLE_SPLIT_KEYS=0):"
 grep -E "64 x" "$OUT/bench_nosingle.log" 2>/dev/null
-echo "-- the engine in-process, overlapped steps vs --no-overlap:"
-for f in engine_b1 engine_b1--no-overlap engine_c64 engine_c64--no-overlap; do
+echo "-- the engine in-process, overlapped steps vs --no-overlap, warmed up vs --no-warmup:"
+for f in engine_b1 engine_b1--no-overlap engine_b1--no-warmup engine_c64 engine_c64--no-overlap \
+  engine_c64--no-warmup; do
   [ -f "$OUT/$f.log" ] && echo "$f: $(grep -E 'output tokens/s|^inter-token' "$OUT/$f.log" | tr -s ' ' | tr '\n' ' ')"
 done
 tail -n 8 "$OUT/torch.log" 2>/dev/null
