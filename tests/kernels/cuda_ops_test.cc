@@ -205,6 +205,44 @@ TEST(CudaOps, LinearSwiGluBothDtypes) {
   }
 }
 
+// Row counts share a tuned algorithm in buckets of eight per octave (no GPU needed).
+TEST(CudaGemm, TuneBucketsEightPerOctave) {
+  EXPECT_EQ(cuda::Gemm::TuneBucket(1), 1);
+  EXPECT_EQ(cuda::Gemm::TuneBucket(63), 63);
+  EXPECT_EQ(cuda::Gemm::TuneBucket(64), 64);
+  EXPECT_EQ(cuda::Gemm::TuneBucket(97), 104);
+  EXPECT_EQ(cuda::Gemm::TuneBucket(104), 104);
+  EXPECT_EQ(cuda::Gemm::TuneBucket(8192), 8192);
+  EXPECT_EQ(cuda::Gemm::TuneBucket(8193), 9216);
+  EXPECT_EQ(cuda::Gemm::TuneBucket(16383), 16384);
+  int64_t buckets = 0;
+  for (int64_t n = 1024; n < 2048; ++n) buckets += cuda::Gemm::TuneBucket(n) == n;
+  EXPECT_EQ(buckets, 8);
+  for (int64_t n = 64; n < 20000; ++n) {
+    const int64_t b = cuda::Gemm::TuneBucket(n);
+    ASSERT_GE(b, n);
+    ASSERT_LE(b * 8, n * 9) << n;  // at most 1/8 above
+  }
+}
+
+// A row count in a tuned bucket reuses the bucket's algorithm: results still match the reference.
+TEST(CudaOps, LinearReusesATunedBucketAcrossRowCounts) {
+  SKIP_WITHOUT_GPU();
+  cuda::Gemm gemm;
+  ASSERT_TRUE(gemm.Init().ok());
+  const int64_t in = 264, out = 136;
+  for (int64_t n : {300, 297, 301, 304}) {  // one bucket: the first is timed, the rest reuse it
+    auto x = RandBf16(n * in), w = RandBf16(out * in, 0.1f);
+    Dev<uint16_t> dx(x), dw(w);
+    Dev<float> dy(n * out);
+    ASSERT_TRUE(gemm.Linear(dx.p, n, in, dw.p, out, nullptr, dy.p, true, nullptr).ok());
+    std::vector<float> xf = ToF32(x), ref(n * out);
+    cpu::Linear(xf.data(), n, in, {DType::kBF16, w.data()}, out, {DType::kBF16, nullptr},
+                ref.data());
+    EXPECT_LT(RelErr(dy.Get(), ref), 1e-4) << n;
+  }
+}
+
 TEST(CudaOps, LinearThroughCublasLt) {
   SKIP_WITHOUT_GPU();
   cuda::Gemm gemm;

@@ -15,6 +15,13 @@ Status LtStatus(cublasStatus_t s, const char* what) {
 
 }  // namespace
 
+int64_t Gemm::TuneBucket(int64_t n) {
+  if (n < 64) return n;
+  int64_t step = 1;
+  while (step * 16 <= n) step *= 2;  // n in [8 step, 16 step): eight buckets per octave
+  return (n + step - 1) / step * step;
+}
+
 Status CudaStatus(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return Status::Ok();
   return Internal("CUDA: {} failed: {} ({})", what, cudaGetErrorString(err), cudaGetErrorName(err));
@@ -89,6 +96,18 @@ Result<Gemm::Plan*> Gemm::GetPlan(int64_t n, int64_t in, int64_t out, const void
                     out, static_cast<int>(s));
   }
   p.algo = results[0].algo;
+  // A row count near one already tuned (same bucket) takes that algorithm where cuBLASLt accepts
+  // it for these layouts: variable prompt lengths would otherwise tune anew at every new n.
+  const auto tuned_key = std::make_tuple(TuneBucket(n), in, out, bias, y_f32);
+  if (auto t = tuned_.find(tuned_key); t != tuned_.end()) {
+    cublasLtMatmulHeuristicResult_t check{};
+    if (cublasLtMatmulAlgoCheck(handle_, p.desc, p.a, p.b, p.c, p.c, &t->second, &check) ==
+            CUBLAS_STATUS_SUCCESS &&
+        check.workspaceSize <= workspace_bytes_) {
+      p.algo = t->second;
+      return &plans_.emplace(key, p).first->second;
+    }
+  }
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   if (found > 1 && n >= tune_min_rows_ && cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
       capture == cudaStreamCaptureStatusNone) {
@@ -120,6 +139,7 @@ Result<Gemm::Plan*> Gemm::GetPlan(int64_t n, int64_t in, int64_t out, const void
           p.algo = results[i].algo;
         }
       }
+      if (best > 0.0f) tuned_[tuned_key] = p.algo;
     }
     if (e0) cudaEventDestroy(e0);
     if (e1) cudaEventDestroy(e1);

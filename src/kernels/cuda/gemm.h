@@ -59,6 +59,13 @@ class Gemm {
   Result<Plan*> GetPlan(int64_t n, int64_t in, int64_t out, const void* x, const void* w,
                         const void* bias, void* y, bool y_f32, cudaStream_t stream);
   static constexpr int kMaxTuneCandidates = 64;
+  // Row counts tuned together: n itself below 64, else n rounded up to one of eight steps per
+  // octave (8193..9216 share, as do 97..104). The first n of a bucket met outside capture is
+  // timed; later ones reuse its algorithm where cuBLASLt accepts it (cublasLtMatmulAlgoCheck).
+ public:
+  static int64_t TuneBucket(int64_t n);
+
+ private:
   int tune_candidates_ = 8;
   int64_t tune_min_rows_ = 64;
 
@@ -68,6 +75,7 @@ class Gemm {
   int gemv_max_rows_ = 2;  // H200: the skinny kernel wins at n <= 2, cuBLASLt from 4
   int64_t swiglu_bf16_min_rows_ = kSwiGluBf16MinRows;
   std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool>, Plan> plans_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool>, cublasLtMatmulAlgo_t> tuned_;
 };
 
 }  // namespace qilin::cuda
