@@ -13,6 +13,9 @@
 //   including one batch-64 decode step op by op.
 // Usage: qilin_bench_cuda_decode [--model configs/qwen2.5-7b] [--decode-steps 256] [--profile 0|1]
 //                                [--long 0|1]  (--long 0: only the 128/128 workload)
+//                                [--runs 0|1]  (--runs 0: limits and the per-op profile only)
+//                                [--prefill-sweep 0|1]  (1: prefill steps by prompt count and
+//                                length first: where a step's time per token goes)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -166,11 +169,11 @@ void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double 
                           {"gate_up_proj", h, 2 * inter, double(L)},
                           {"down_proj", inter, h, double(L)},
                           {"lm_head (1 row)", h, V, 1.0}};
-  // Decode: GEMMs at n = 1..8, cuBLASLt vs skinny kernel.
-  for (int64_t n : {1, 2, 4, 8}) {
+  // Decode: GEMMs at n = 1..64, cuBLASLt, and up to 8 rows the skinny kernel beside it.
+  for (int64_t n : {1, 2, 4, 8, 16, 32, 64}) {
     for (const Shape& s : shapes) {
       const double bytes = 2.0 * s.in * s.out + 2.0 * n * s.in + 4.0 * n * s.out;
-      for (int mode = 0; mode < 2; ++mode) {
+      for (int mode = 0; mode < (n <= 8 ? 2 : 1); ++mode) {
         gemm.set_gemv_max_rows(mode == 0 ? 0 : cuda::kGemvMaxRows);
         const double t = time([&](int i) {
           Check(gemm.Linear(xa, n, s.in, slice(s.in * s.out, i), s.out, nullptr, yf, true, st));
@@ -180,6 +183,7 @@ void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double 
         row(name, n, t, bytes, 0, n == 1 ? s.per_step : 0);
       }
     }
+    if (n > 8) continue;
     // gate|up + SwiGLU fused in the skinny kernel.
     gemm.set_gemv_max_rows(cuda::kGemvMaxRows);
     const double t = time([&](int i) {
@@ -439,7 +443,7 @@ void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double 
 int main(int argc, char** argv) {
   std::string model = "configs/qwen2.5-7b";
   int decode_steps = 256;
-  bool profile = true, long_runs = true;
+  bool profile = true, long_runs = true, runs = true, prefill_sweep = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--model"))
       model = argv[i + 1];
@@ -449,6 +453,10 @@ int main(int argc, char** argv) {
       profile = std::atoi(argv[i + 1]) != 0;
     else if (!std::strcmp(argv[i], "--long"))
       long_runs = std::atoi(argv[i + 1]) != 0;
+    else if (!std::strcmp(argv[i], "--runs"))
+      runs = std::atoi(argv[i + 1]) != 0;
+    else if (!std::strcmp(argv[i], "--prefill-sweep"))
+      prefill_sweep = std::atoi(argv[i + 1]) != 0;
     else
       Die(std::string("unknown flag ") + argv[i]);
   }
@@ -496,6 +504,11 @@ int main(int argc, char** argv) {
   }
 
   if (profile) ProfileOps(config, st, bandwidth, matmul);
+  if (!runs) {
+    std::printf("copy bandwidth %.0f GB/s, bf16 matmul %.0f TFLOP/s\n", bandwidth / 1e9,
+                matmul / 1e12);
+    return 0;
+  }
 
   const auto t0 = Clock::now();
   auto be = CudaBackend::CreateDummy(config, 0);
@@ -513,6 +526,35 @@ int main(int argc, char** argv) {
   const int32_t vocab = static_cast<int32_t>(config.vocab_size);
   const double kv_per_token = static_cast<double>(backend.KvBytesPerToken());
   std::vector<float> logits;
+
+  // 2b. Prefill steps of P prompts of L tokens each (one step, the first run of each shape
+  // untimed): wall and GPU time per token, against 2 * params per token at the matmul rate. Equal
+  // token counts with different prompt lengths separate the causal attention from the rest.
+  if (prefill_sweep) {
+    std::printf("%-28s %8s %10s %10s %10s %8s\n", "prefill step", "tokens", "wall ms", "GPU ms",
+                "us/token", "of GEMM");
+    const int shapes[][2] = {{1, 4096},  {64, 128}, {2, 4096}, {4, 2048},  {8, 1024},
+                             {128, 128}, {8, 2048}, {4, 4096}, {16, 1024}, {1, 16384}};
+    for (const auto& [P, L] : shapes) {
+      std::vector<double> wall, gpu;
+      for (int r = 0; r < 4; ++r) {
+        int32_t next = 0;
+        std::vector<SeqState> seqs(P);
+        ForwardBatch p = MakeBatch(seqs, L, bs, &next, vocab);
+        const auto s0 = Clock::now();
+        Check(backend.Forward(p, &logits));
+        if (r == 0) continue;
+        wall.push_back(Seconds(s0, Clock::now()) * 1e3);
+        gpu.push_back(backend.LastStepGpuMs());
+      }
+      const double tokens = double(P) * L, ms = Median(gpu);
+      const double gemm_ms = 2.0 * params * tokens / matmul * 1e3;
+      char name[64];
+      std::snprintf(name, sizeof name, "%d x %d", P, L);
+      std::printf("%-28s %8.0f %10.1f %10.1f %10.2f %7.1f%%\n", name, tokens, Median(wall), ms,
+                  ms * 1e3 / tokens, 100 * gemm_ms / ms);
+    }
+  }
 
   // 3. Batch-1 decode after a 128-token prompt: cuBLASLt GEMMs (gemv 0), then the default path.
   // Modes: 0 cuBLASLt GEMMs + CUDA-core attention, 1 skinny GEMMs + CUDA-core attention,
@@ -598,9 +640,13 @@ int main(int argc, char** argv) {
     const int S = 64;
     int32_t next = 0;
     std::vector<SeqState> seqs(S);
-    if (&wl == &loads[0]) {  // warm-up of the shapes, and the batch-64 graph captured
-      ForwardBatch warm = MakeBatch(seqs, wl.in, bs, &next, vocab);
+    const int per_step = std::max(1, max_tokens / wl.in);
+    {  // Warm-up of the workload's shapes (GEMM plans tuned as a server's warm-up tunes them), and
+       // the batch-64 graph captured: one prefill step as timed below, two decode steps.
+      std::vector<SeqState> part(seqs.begin(), seqs.begin() + std::min(S, per_step));
+      ForwardBatch warm = MakeBatch(part, wl.in, bs, &next, vocab);
       Check(backend.Forward(warm, &logits));
+      std::copy(part.begin(), part.end(), seqs.begin());
       for (int i = 0; i < 2; ++i) {
         ForwardBatch d = MakeBatch(seqs, 1, bs, &next, vocab);
         Check(backend.ForwardSample(d, greedy_specs, &sampled));
@@ -608,7 +654,6 @@ int main(int argc, char** argv) {
       next = 0;
       seqs.assign(S, SeqState{});
     }
-    const int per_step = std::max(1, max_tokens / wl.in);
     const auto a = Clock::now();
     for (int s0 = 0; s0 < S; s0 += per_step) {
       std::vector<SeqState> part(seqs.begin() + s0, seqs.begin() + std::min(S, s0 + per_step));

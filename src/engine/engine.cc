@@ -512,11 +512,23 @@ Result<int64_t> Engine::WarmUp() {
     if (b <= 0 || b > config_.max_batch_size || b > blocks) continue;
     QILIN_RETURN_IF_ERROR(wave(b, 1, 2));
   }
-  // The largest prefill step: max_num_tokens prompt tokens, as few requests as max_seq_len allows.
+  // The backend's prefill sizes (the largest: max_num_tokens), each as few requests as
+  // max_seq_len allows, as warm-up steps (Backend::SetWarmUpSteps: outputs not computed).
   const int64_t room = int64_t{blocks} * bs;
-  const int32_t total = static_cast<int32_t>(std::min<int64_t>(config_.max_num_tokens, room / 2));
-  const int32_t len = std::min(total, config_.max_seq_len - 1);
-  if (len > 0) QILIN_RETURN_IF_ERROR(wave(std::max(1, total / len), len, 1));
+  int32_t done = 0;
+  Status prefills = Status::Ok();
+  backend_.SetWarmUpSteps(true);
+  for (int32_t t : backend_.WarmUpPrefillTokens(config_.max_num_tokens)) {
+    const int32_t total =
+        static_cast<int32_t>(std::min<int64_t>({t, config_.max_num_tokens, room / 2}));
+    const int32_t len = std::min(total, config_.max_seq_len - 1);
+    if (len <= 0 || total <= done) continue;
+    prefills = wave(std::max(1, total / len), len, 1);
+    if (!prefills.ok()) break;
+    done = total;
+  }
+  backend_.SetWarmUpSteps(false);
+  QILIN_RETURN_IF_ERROR(prefills);
   const int64_t steps = scheduler_->stats().num_steps - steps0;
   // Nothing of the dummy requests stays behind: no cached prefixes, no counts.
   kv_->ResetCacheAndStats();

@@ -111,7 +111,8 @@ class Engine {
   // first costs of the backend's step sizes (Backend::WarmUpBatchSizes: CUDA graphs captured,
   // GEMM plans tuned) are paid now and not by the first clients. One wave per batch size b (b
   // one-token prompts, two output tokens: a b-row prefill step, then a b-row decode step), then
-  // one prefill of max_num_tokens tokens (as far as the KV pool holds them). Afterwards the KV
+  // one prefill per Backend::WarmUpPrefillTokens size (the largest max_num_tokens; as far as the
+  // KV pool holds them). Afterwards the KV
   // pool is empty, the prefix cache forgotten, the stats zero and the request ids and unseeded
   // seeds where they were. A no-op where the backend has nothing to warm up. Returns the number
   // of scheduler steps run.

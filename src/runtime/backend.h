@@ -73,6 +73,15 @@ class Backend {
   // is captured and the GEMM plans of that row count tuned at first use), for Engine::WarmUp to
   // run before serving; empty: nothing to warm up (the default).
   virtual std::vector<int32_t> WarmUpBatchSizes(int32_t max_batch_size) const { return {}; }
+  // Prefill step sizes (prompt tokens) for the same warm-up, after the batch sizes; the default
+  // is the largest step alone.
+  virtual std::vector<int32_t> WarmUpPrefillTokens(int32_t max_num_tokens) const {
+    return {max_num_tokens};
+  }
+  // While on, steps need only pay their first costs, not compute the model (CUDA: eager, first
+  // layer and lm_head only): their outputs are meaningless. For Engine::WarmUp's prefill sizes,
+  // whose KV blocks and outputs it throws away.
+  virtual void SetWarmUpSteps(bool on) {}
 
   // Copies whole KV blocks (src -> dst), for copy-on-write when sequences fork.
   virtual Status CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) = 0;

@@ -515,6 +515,19 @@ std::vector<int32_t> CudaBackend::WarmUpBatchSizes(int32_t max_batch_size) const
   return sizes;
 }
 
+// A step of n tokens times its GEMM candidates at the first n of its tuning bucket
+// (Gemm::TuneBucket, eight per octave from 64 rows; ~0.2 s at 8192 rows, inside the step that
+// met it): one step per bucket up to max_num_tokens (57 to 8192), each one layer deep
+// (SetWarmUpSteps), moves that cost before serving.
+std::vector<int32_t> CudaBackend::WarmUpPrefillTokens(int32_t max_num_tokens) const {
+  std::vector<int32_t> sizes;
+  for (int32_t n = 64; n < max_num_tokens; ++n) {
+    if (cuda::Gemm::TuneBucket(n) == n) sizes.push_back(n);
+  }
+  if (max_num_tokens > 0) sizes.push_back(max_num_tokens);
+  return sizes;
+}
+
 Status CudaBackend::CopyKvBlocks(const std::vector<std::pair<int32_t, int32_t>>& src_dst) {
   QILIN_RETURN_IF_ERROR(ValidateBlockPairs(src_dst, layout_));
   if (src_dst.empty()) return Status::Ok();
@@ -620,7 +633,9 @@ Status CudaBackend::RunStep(const InputLayout& il, const StepShape& s) {
 
   QILIN_CUDA_RETURN(cuda::EmbeddingGather(embed_, hid, token_ids, n, x_, stream_, previous_ids_),
                     "embedding");
-  for (int64_t l = 0; l < c.num_layers; ++l) {
+  // Warm-up steps (SetWarmUpSteps) meet every GEMM shape in the first layer.
+  const int64_t layers = warm_up_steps_ ? std::min<int64_t>(1, c.num_layers) : c.num_layers;
+  for (int64_t l = 0; l < layers; ++l) {
     const DevLayer& w = layers_[l];
     bf16_t* k_cache = kv_pool_ + 2 * l * layer_elems_;
     bf16_t* v_cache = k_cache + layer_elems_;
@@ -987,7 +1002,7 @@ Status CudaBackend::ForwardImpl(const ForwardBatch& batch, std::vector<float>* l
   // A graph step: decode-only, padded to a bucket, block tables at the fixed stride.
   int32_t bucket = 0;
   const bool graphs = options_.cuda_graphs && (!tp() || options_.tp_comm->capturable());
-  if (graphs && decode_only && used_blocks <= table_cap_ && m <= n) {
+  if (graphs && decode_only && !warm_up_steps_ && used_blocks <= table_cap_ && m <= n) {
     for (int32_t b : kGraphBuckets) {
       if (b >= n) {
         bucket = b;

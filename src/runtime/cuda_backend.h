@@ -87,6 +87,8 @@ class CudaBackend : public Backend {
   // The decode graph buckets up to max_batch_size (and max_batch_size itself, whose steps run in
   // the next bucket): each is captured, and its GEMM plans tuned, by the first step of that size.
   std::vector<int32_t> WarmUpBatchSizes(int32_t max_batch_size) const override;
+  std::vector<int32_t> WarmUpPrefillTokens(int32_t max_num_tokens) const override;
+  void SetWarmUpSteps(bool on) override { warm_up_steps_ = on; }
 
   // Rank of a tensor-parallel group (CudaBackendOptions::tp_comm).
   bool tp() const { return options_.tp_comm != nullptr; }
@@ -146,6 +148,7 @@ class CudaBackend : public Backend {
   // Room for `bytes` of step inputs on the device and in the current staging.
   Status EnsureInputBuffers(size_t bytes);
   // Runs embedding .. lm_head for the inputs already on the device at `il`.
+  bool warm_up_steps_ = false;  // SetWarmUpSteps: eager steps of the first layer only
   Status RunStep(const InputLayout& il, const StepShape& shape);
   // logits_ rows [0, rows) from rows_h_ (the final-normed rows): the lm_head GEMM; with tensor
   // parallelism this rank's vocabulary rows, all-gathered and laid out as the full vocabulary

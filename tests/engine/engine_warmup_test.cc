@@ -15,8 +15,10 @@ namespace {
 // The fake with launched steps that asks for a warm-up of `sizes` and records each step's tokens.
 class WarmUpBackend : public FakeSamplingBackend {
  public:
-  WarmUpBackend(const FakeModel& m, std::vector<int32_t> sizes)
-      : FakeSamplingBackend(m.vocab, m.max_len, m.eos, m.eos_bias), sizes_(std::move(sizes)) {
+  WarmUpBackend(const FakeModel& m, std::vector<int32_t> sizes, std::vector<int32_t> prefills = {})
+      : FakeSamplingBackend(m.vocab, m.max_len, m.eos, m.eos_bias),
+        sizes_(std::move(sizes)),
+        prefills_(std::move(prefills)) {
     launched_steps = true;
   }
   std::vector<int32_t> WarmUpBatchSizes(int32_t max_batch_size) const override {
@@ -24,14 +26,21 @@ class WarmUpBackend : public FakeSamplingBackend {
     for (int32_t b : sizes_) s.push_back(std::min(b, max_batch_size));
     return s;
   }
+  std::vector<int32_t> WarmUpPrefillTokens(int32_t max_num_tokens) const override {
+    return prefills_.empty() ? Backend::WarmUpPrefillTokens(max_num_tokens) : prefills_;
+  }
+  void SetWarmUpSteps(bool on) override { warm_up_steps = on; }
   Status Forward(const ForwardBatch& b, std::vector<float>* logits) override {
     step_tokens.push_back(b.num_tokens());
+    step_warm_up.push_back(warm_up_steps);
     return FakeSamplingBackend::Forward(b, logits);
   }
   std::vector<int32_t> step_tokens;
+  std::vector<bool> step_warm_up;  // SetWarmUpSteps at each step
+  bool warm_up_steps = false;
 
  private:
-  std::vector<int32_t> sizes_;
+  std::vector<int32_t> sizes_, prefills_;
 };
 
 EngineConfig SmallConfig() {
@@ -98,6 +107,26 @@ TEST(EngineWarmUp, RunsEachBatchSizeThenTheLargestPrefillAndLeavesNothingBehind)
   EXPECT_EQ(st.kv_blocks_free, st.kv_blocks_total);
   EXPECT_TRUE((*engine)->CheckKvInvariants());
   EXPECT_FALSE((*engine)->HasWork());
+}
+
+// The backend's prefill sizes run in order, each as one step of at most max_num_tokens (48) and
+// as few prompts as max_seq_len (20) allows; a size no larger than the one before is skipped.
+TEST(EngineWarmUp, RunsTheBackendsPrefillSizes) {
+  FakeModel m;
+  WarmUpBackend backend(m, {2}, {8, 16, 16, 12, 100});
+  auto engine = Engine::Create(backend, SmallConfig());
+  ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+  ASSERT_TRUE((*engine)->WarmUp().ok());
+  // 8: one prompt; 16: one; 100 -> 48: two prompts of 19.
+  const std::vector<int32_t> want = {2, 2, 8, 16, 38};
+  EXPECT_EQ(backend.step_tokens, want);
+  // The batch-size waves compute (their graphs serve later steps); the prefill sizes are warm-up
+  // steps, and the mode is off again afterwards.
+  const std::vector<bool> warm = {false, false, true, true, true};
+  EXPECT_EQ(backend.step_warm_up, warm);
+  EXPECT_FALSE(backend.warm_up_steps);
+  EXPECT_TRUE((*engine)->CheckKvInvariants());
+  EXPECT_EQ((*engine)->stats().kv_blocks_free, (*engine)->stats().kv_blocks_total);
 }
 
 // Requests after a warm-up get what they get without one: the same tokens (greedy and seeded

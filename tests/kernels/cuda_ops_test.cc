@@ -212,6 +212,8 @@ TEST(CudaGemm, TuneBucketsEightPerOctave) {
   EXPECT_EQ(cuda::Gemm::TuneBucket(64), 64);
   EXPECT_EQ(cuda::Gemm::TuneBucket(97), 104);
   EXPECT_EQ(cuda::Gemm::TuneBucket(104), 104);
+  EXPECT_EQ(cuda::Gemm::TuneBucket(300), 320);
+  EXPECT_EQ(cuda::Gemm::TuneBucket(321), 352);
   EXPECT_EQ(cuda::Gemm::TuneBucket(8192), 8192);
   EXPECT_EQ(cuda::Gemm::TuneBucket(8193), 9216);
   EXPECT_EQ(cuda::Gemm::TuneBucket(16383), 16384);
@@ -225,13 +227,18 @@ TEST(CudaGemm, TuneBucketsEightPerOctave) {
   }
 }
 
-// A row count in a tuned bucket reuses the bucket's algorithm: results still match the reference.
+// A row count in a tuned bucket reuses the bucket's algorithm; one in another bucket is timed
+// anew (none is taken across buckets); results still match the reference.
 TEST(CudaOps, LinearReusesATunedBucketAcrossRowCounts) {
   SKIP_WITHOUT_GPU();
   cuda::Gemm gemm;
   ASSERT_TRUE(gemm.Init().ok());
   const int64_t in = 264, out = 136;
-  for (int64_t n : {300, 297, 301, 304}) {  // one bucket: the first is timed, the rest reuse it
+  // n, shapes tuned after it: 300 is timed (bucket 320: 289-320 share it); 297, 301 and 320
+  // reuse it; 321 (bucket 352) and 100 (bucket 104) are timed; 99 shares 100's bucket.
+  const std::pair<int64_t, int64_t> steps[] = {{300, 1}, {297, 1}, {301, 1}, {320, 1},
+                                               {321, 2}, {100, 3}, {99, 3}};
+  for (auto [n, tuned] : steps) {
     auto x = RandBf16(n * in), w = RandBf16(out * in, 0.1f);
     Dev<uint16_t> dx(x), dw(w);
     Dev<float> dy(n * out);
@@ -240,6 +247,7 @@ TEST(CudaOps, LinearReusesATunedBucketAcrossRowCounts) {
     cpu::Linear(xf.data(), n, in, {DType::kBF16, w.data()}, out, {DType::kBF16, nullptr},
                 ref.data());
     EXPECT_LT(RelErr(dy.Get(), ref), 1e-4) << n;
+    EXPECT_EQ(gemm.tunings(), tuned) << n;
   }
 }
 
