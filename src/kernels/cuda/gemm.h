@@ -61,12 +61,8 @@ class Gemm {
                         const void* bias, void* y, bool y_f32, cudaStream_t stream);
   static constexpr int kMaxTuneCandidates = 64;
   static constexpr int kTimedRuns = 5;  // at most; 3 from 1024 rows (a run of 1 ms or more)
-  // The median of `runs` runs of `run` (after one untimed), each after writing `flush`
-  // (FlushBytes(), evicting L2; null: none); -1 where a run or the timing failed.
-  float TimeCold(const std::function<cublasStatus_t()>& run, void* flush, int runs,
-                 cudaStream_t stream);
-  size_t FlushBytes();  // 5/4 of the device's L2
-  size_t l2_bytes_ = 0;
+  // The median of `runs` runs of `run` (after one untimed); -1 where a run or the timing failed.
+  float TimeMedian(const std::function<cublasStatus_t()>& run, int runs, cudaStream_t stream);
   int64_t tunings_ = 0;
   // Row counts tuned together: n itself below 64, else n rounded up to one of eight steps per
   // octave (8193..9216 share, as do 97..104). The first n of a bucket met outside capture is
@@ -79,7 +75,6 @@ class Gemm {
  private:
   int tune_candidates_ = 8;
   int64_t tune_min_rows_ = 64;
-  bool tune_cold_ = true;  // candidates timed with L2 flushed (QILIN_GEMM_TUNE_WARM=1: not)
 
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
