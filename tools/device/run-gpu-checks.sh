@@ -86,7 +86,7 @@ if [ -x "$G/qilin_bench_tokenizer" ] && [ -z "${QILIN_SKIP_TOKENIZER:-}" ]; then
   run tok_qilin 200 "$G/qilin_bench_tokenizer" --tokenizer "$G/tokenizer" --corpus "$G/tok_corpus.txt"
   run tok_reference 300 python3 "$G/bench_reference.py" --data "$G/tokenizer" --corpus "$G/tok_corpus.txt"
 fi
-run bench 300 "$G/qilin_bench_cuda_decode" --model "$G/configs/qwen2.5-7b"
+run bench 300 "$G/qilin_bench_cuda_decode" --model "$G/configs/qwen2.5-7b" --prefill-sweep 1
 # The same decode and 128/128 figures without programmatic dependent launch (QILIN_PDL=0).
 run bench_nopdl 150 env QILIN_PDL=0 "$G/qilin_bench_cuda_decode" --model "$G/configs/qwen2.5-7b" \
   --profile 0 --long 0
@@ -131,6 +131,7 @@ grep -h "cuda golden" "$OUT/tests.log" 2>/dev/null
 for k in "${!RES[@]}"; do printf '%-10s %s\n' "$k" "${RES[$k]}"; done
 tail -n 2 "$OUT/generate.log" 2>/dev/null
 sed -n '/== qilin CUDA backend/,$p' "$OUT/bench.log" 2>/dev/null
+sed -n '/^prefill step/,/^1 x 16384/p' "$OUT/bench.log" 2>/dev/null
 echo "-- without PDL (QILIN_PDL=0):"
 grep -E "batch-1 decode|64 x" "$OUT/bench_nopdl.log" 2>/dev/null
 echo "-- decode attention without the short-context single split (QILIN_DECODE_SINGLE_SPLIT_KEYS=0):"
