@@ -173,7 +173,7 @@ void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double 
   for (int64_t n : {1, 2, 4, 8, 16, 32, 64}) {
     for (const Shape& s : shapes) {
       const double bytes = 2.0 * s.in * s.out + 2.0 * n * s.in + 4.0 * n * s.out;
-      for (int mode = 0; mode < (n <= 8 ? 2 : 1); ++mode) {
+      for (int mode = 0; mode < (n <= cuda::kGemvMaxRows ? 2 : 1); ++mode) {
         gemm.set_gemv_max_rows(mode == 0 ? 0 : cuda::kGemvMaxRows);
         const double t = time([&](int i) {
           Check(gemm.Linear(xa, n, s.in, slice(s.in * s.out, i), s.out, nullptr, yf, true, st));
@@ -183,7 +183,7 @@ void ProfileOps(const ModelConfig& c, cudaStream_t st, double bandwidth, double 
         row(name, n, t, bytes, 0, n == 1 ? s.per_step : 0);
       }
     }
-    if (n > 8) continue;
+    if (n > cuda::kGemvMaxRows) continue;
     // gate|up + SwiGLU fused in the skinny kernel.
     gemm.set_gemv_max_rows(cuda::kGemvMaxRows);
     const double t = time([&](int i) {

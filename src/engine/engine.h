@@ -112,9 +112,9 @@ class Engine {
   // GEMM plans tuned) are paid now and not by the first clients. One wave per batch size b (b
   // one-token prompts, two output tokens: a b-row prefill step, then a b-row decode step), then
   // one prefill per Backend::WarmUpPrefillTokens size (the largest max_num_tokens; as far as the
-  // KV pool holds them). Afterwards the KV
-  // pool is empty, the prefix cache forgotten, the stats zero and the request ids and unseeded
-  // seeds where they were. A no-op where the backend has nothing to warm up. Returns the number
+  // KV pool holds them), run as warm-up steps (Backend::SetWarmUpSteps). Afterwards the KV pool
+  // is empty, the prefix cache forgotten, the stats zero and the request ids and unseeded seeds
+  // where they were. A no-op where the backend has nothing to warm up. Returns the number
   // of scheduler steps run.
   Result<int64_t> WarmUp();
 

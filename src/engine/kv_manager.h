@@ -79,12 +79,12 @@ class KvManager {
            pos % block_size_;
   }
 
-  // Consistency check for tests: reference counts equal the references in `tables`, the free
-  // list holds exactly the unreferenced blocks, the hash map points at blocks with that hash.
   // With every block free: forgets every cached prefix and zeroes the stats (Engine::WarmUp's
   // dummy requests leave nothing behind).
   void ResetCacheAndStats();
 
+  // Consistency check for tests: reference counts equal the references in `tables`, the free
+  // list holds exactly the unreferenced blocks, the hash map points at blocks with that hash.
   bool CheckInvariants(const std::vector<const KvSequence*>& tables) const;
 
  private:
